@@ -1,0 +1,99 @@
+// Argument checks of drs_ext::noisy_views, shared by the CPU and CUDA kernels (DESIGN.md §4):
+// every bad input is a TORCH_CHECK naming the argument, what was expected and what was given.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+
+#include "drs/partition.h"
+
+namespace drs_ext {
+
+struct NoisyViewsArgs {
+  drs::Partition partition;
+  drs::Fill fill;
+  int branches;
+  std::array<float, 2> sigma;  // per branch
+  at::ScalarType out_dtype;
+  uint32_t key0, key1;         // the 64-bit seed
+  int64_t num_groups;          // Philox calls per (image, branch, sample): ceil(m / 4)
+};
+
+inline drs::Partition parse_partition(c10::string_view name) {
+  if (name == "diag") return drs::Partition::kDiag;
+  if (name == "none") return drs::Partition::kNone;
+  TORCH_CHECK(false, "noisy_views: partition must be \"diag\" or \"none\", got \"",
+              std::string(name), "\"");
+}
+
+inline drs::Fill parse_fill(c10::string_view name) {
+  if (name == "neighbors") return drs::Fill::kNeighbors;
+  if (name == "pair") return drs::Fill::kPair;
+  if (name == "bilinear") return drs::Fill::kBilinear;
+  if (name == "zeros") return drs::Fill::kZeros;
+  TORCH_CHECK(false,
+              "noisy_views: fill must be one of \"neighbors\", \"pair\", \"bilinear\", "
+              "\"zeros\", got \"",
+              std::string(name), "\"");
+}
+
+inline NoisyViewsArgs check_noisy_views_args(const at::Tensor& x, at::ArrayRef<double> sigma,
+                                             int64_t num, int64_t seed, int64_t offset,
+                                             const at::Tensor& stream,
+                                             c10::string_view partition, c10::string_view fill,
+                                             std::optional<at::ScalarType> out_dtype) {
+  NoisyViewsArgs args{};
+  TORCH_CHECK(x.dim() == 4, "noisy_views: x must have shape (N, C, H, W), got ", x.dim(),
+              " dimensions with shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "noisy_views: x must be float32, got ",
+              x.scalar_type());
+  args.partition = parse_partition(partition);
+  args.fill = parse_fill(fill);
+  args.branches = drs::num_branches(args.partition);
+  const int64_t height = x.size(2), width = x.size(3);
+  TORCH_CHECK(x.size(1) >= 1 && height >= 1 && width >= 1,
+              "noisy_views: x must have C, H, W >= 1, got shape ", x.sizes());
+  if (args.partition == drs::Partition::kDiag) {
+    TORCH_CHECK(width % 2 == 0, "noisy_views: partition=\"diag\" needs an even image width W, got W=",
+                width);
+  }
+  TORCH_CHECK(sigma.size() == 1 || static_cast<int>(sigma.size()) == args.branches,
+              "noisy_views: sigma must hold 1 value or one per branch (", args.branches,
+              " for partition=\"", std::string(partition), "\"), got ", sigma.size(), " values");
+  for (int p = 0; p < args.branches; ++p) {
+    const double s = sigma.size() == 1 ? sigma[0] : sigma[p];
+    TORCH_CHECK(std::isfinite(s) && s > 0.0, "noisy_views: sigma must be finite and > 0, got ",
+                s, " for branch ", p);
+    args.sigma[p] = static_cast<float>(s);
+  }
+  TORCH_CHECK(num >= 1, "noisy_views: num must be >= 1, got ", num);
+  TORCH_CHECK(seed >= 0, "noisy_views: seed must be >= 0, got ", seed);
+  TORCH_CHECK(offset >= 0 && offset <= (int64_t{1} << drs::kSampleBits) - num,
+              "noisy_views: samples offset .. offset+num-1 must lie in [0, 2^", drs::kSampleBits,
+              "), got offset=", offset, " num=", num);
+  TORCH_CHECK(stream.dim() == 1 && stream.size(0) == x.size(0),
+              "noisy_views: stream must have shape (N,) = (", x.size(0), ",), got ",
+              stream.sizes());
+  TORCH_CHECK(stream.scalar_type() == at::kLong, "noisy_views: stream must be int64, got ",
+              stream.scalar_type());
+  TORCH_CHECK(stream.device() == x.device(), "noisy_views: stream must be on x's device ",
+              x.device(), ", got ", stream.device());
+  args.out_dtype = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK(args.out_dtype == at::kFloat || args.out_dtype == at::kHalf ||
+                  args.out_dtype == at::kBFloat16,
+              "noisy_views: out_dtype must be float32, float16 or bfloat16, got ", args.out_dtype);
+  const int64_t m = x.size(1) * height * drs::sub_width(args.partition, width);
+  args.num_groups = (m + 3) / 4;
+  TORCH_CHECK(args.num_groups <= (int64_t{1} << 32),
+              "noisy_views: a sub-image may hold at most 2^34 elements, got ", m);
+  args.key0 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
+  args.key1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  return args;
+}
+
+}  // namespace drs_ext
