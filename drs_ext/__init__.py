@@ -9,9 +9,12 @@ from __future__ import annotations
 from . import radius, reference, stats
 from ._C import __version__, built_with_cuda, cuda_archs
 from .ops import noisy_views, vote_counts
+from .smoothing import DualSmoothedClassifier, SmoothedClassifier
 
 __all__ = [
     "__version__",
+    "DualSmoothedClassifier",
+    "SmoothedClassifier",
     "built_with_cuda",
     "cuda_archs",
     "noisy_views",

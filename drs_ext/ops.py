@@ -99,7 +99,9 @@ def vote_counts(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("drs_ext::noisy_views")
 def _noisy_views_fake(x, sigma, num, seed, offset, stream, partition, fill, out_dtype):
-    torch._check(x.dim() == 4, lambda: f"noisy_views: x must have shape (N, C, H, W), got {x.shape}")
+    torch._check(
+        x.dim() == 4, lambda: f"noisy_views: x must have shape (N, C, H, W), got {x.shape}"
+    )
     n, c, h, w = x.shape
     shape = (n, num_branches(partition), num, c, h, w)
     return x.new_empty(shape, dtype=out_dtype or torch.float32)
@@ -107,7 +109,9 @@ def _noisy_views_fake(x, sigma, num, seed, offset, stream, partition, fill, out_
 
 @torch.library.register_fake("drs_ext::vote_counts")
 def _vote_counts_fake(logits):
-    torch._check(logits.dim() == 3, lambda: f"vote_counts: logits must be (G, S, K), got {logits.shape}")
+    torch._check(
+        logits.dim() == 3, lambda: f"vote_counts: logits must be (G, S, K), got {logits.shape}"
+    )
     return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=torch.int64)
 
 
@@ -184,6 +188,4 @@ def _backward(ctx, grad_out):
     return grad_x, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "drs_ext::noisy_views", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd("drs_ext::noisy_views", _backward, setup_context=_setup_context)
