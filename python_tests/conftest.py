@@ -32,7 +32,7 @@ def make_generator(seed: int) -> torch.Generator:
 
 
 def random_images(shape: Sequence[int], seed: int, scale: float = 2.0) -> torch.Tensor:
-    """Float32 images with values of both signs and magnitude a few units (any finite x is valid)."""
+    """Float32 images with values of both signs, a few units in size (any finite x is valid)."""
     gen = make_generator(seed)
     return torch.randn(*shape, generator=gen) * scale + 0.5
 
