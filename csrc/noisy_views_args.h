@@ -67,9 +67,10 @@ inline NoisyViewsArgs check_noisy_views_args(const at::Tensor& x, at::ArrayRef<d
               " for partition=\"", std::string(partition), "\"), got ", sigma.size(), " values");
   for (int p = 0; p < args.branches; ++p) {
     const double s = sigma.size() == 1 ? sigma[0] : sigma[p];
-    TORCH_CHECK(std::isfinite(s) && s > 0.0, "noisy_views: sigma must be finite and > 0, got ",
-                s, " for branch ", p);
+    // Checked after the cast: the kernels compute in float32.
     args.sigma[p] = static_cast<float>(s);
+    TORCH_CHECK(std::isfinite(args.sigma[p]) && args.sigma[p] > 0.0f,
+                "noisy_views: sigma must be finite and > 0 in float32, got ", s, " for branch ", p);
   }
   TORCH_CHECK(num >= 1, "noisy_views: num must be >= 1, got ", num);
   TORCH_CHECK(seed >= 0, "noisy_views: seed must be >= 0, got ", seed);

@@ -5,7 +5,6 @@ The kernels are torch.ops.drs_ext.noisy_views / vote_counts (csrc/); loading `_C
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +15,7 @@ PARTITIONS = ("diag", "none")
 FILLS = ("neighbors", "pair", "bilinear", "zeros")
 _MAX_SEED = 2**63
 _MAX_STREAM = 2**32
+_MAX_SAMPLES = 2**56  # sample indices offset .. offset+num-1 (csrc/include/drs/philox.h)
 
 
 def num_branches(partition: str) -> int:
@@ -25,7 +25,12 @@ def num_branches(partition: str) -> int:
 def _sigma_list(sigma: float | Sequence[float] | torch.Tensor) -> list[float]:
     if isinstance(sigma, torch.Tensor):
         sigma = sigma.tolist()
-    values = [sigma] if isinstance(sigma, (int, float)) else list(sigma)
+    if isinstance(sigma, (int, float)):
+        values = [sigma]
+    elif isinstance(sigma, Sequence):
+        values = list(sigma)
+    else:
+        raise TypeError(f"sigma must be a float or a sequence of floats, got {sigma!r}")
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in values):
         raise TypeError(f"sigma must be a float or a sequence of floats, got {sigma!r}")
     return [float(s) for s in values]
@@ -35,8 +40,8 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low or (high is not None and value >= high):
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
+        bound = f">= {low}" if high is None else f">= {low} and < {high}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
     return value
 
 
@@ -72,9 +77,9 @@ def noisy_views(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _check_device(x)
     sigmas = _sigma_list(sigma)
-    num = _check_int("num", num, 1)
+    num = _check_int("num", num, 1, _MAX_SAMPLES + 1)
     seed = _check_int("seed", seed, 0, _MAX_SEED)
-    offset = _check_int("offset", offset, 0)
+    offset = _check_int("offset", offset, 0, _MAX_SAMPLES)
     if stream is None:
         stream = torch.arange(x.shape[0] if x.dim() > 0 else 0, device=x.device)
     elif isinstance(stream, torch.Tensor) and stream.numel() > 0 and not stream.is_cuda:
@@ -116,71 +121,68 @@ def _vote_counts_fake(logits):
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd. The views are affine in x: out[n, p, s] = A_p x[n] + noise, with A_p = fill_p ∘ sub_p a
-# fixed sparse matrix, so dL/dx[n] = sum_p A_p^T sum_s dL/dout[n, p, s]. A_p is stored as
-# (output pixel, input pixel, weight) triplets per branch.
+# Autograd. The views are affine in x: out[n, p, s] = A_p x[n] + noise with A_p = fill_p ∘ sub_p,
+# so dL/dx[n] = sum_p sub_p^T fill_p^T sum_s dL/dout[n, p, s]. The adjoints below use only
+# shape-generic tensor ops (no caches, no data-dependent masks) so that the backward traces under
+# torch.compile / AOT autograd with symbolic shapes.
 
 
-@functools.lru_cache(maxsize=64)
-def _fill_triplets(
-    height: int, width: int, partition: str, fill: str, branch: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = torch.arange(height)[:, None].expand(height, width)
-    cols = torch.arange(width)[None, :].expand(height, width)
-    pix = rows * width + cols
-    if partition == "none":
-        flat = pix.reshape(-1)
-        return flat, flat, torch.ones(flat.numel())
-
-    def kept(i: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # x pixel of packed (i, k)
-        return i * width + 2 * k + (i + branch) % 2
-
-    half = cols // 2
-    if fill == "pair":
-        terms = [(pix, kept(rows, half), torch.ones(height, width))]
-    elif fill == "bilinear":
-        odd = cols % 2 == 1
-        wp = width // 2
-        left = torch.where(odd, half, (half - 1).clamp(min=0))
-        right = torch.where(odd, (half + 1).clamp(max=wp - 1), half)
-        w_left = torch.where(odd, 0.75, torch.where(half == 0, 0.5, 0.25))
-        terms = [(pix, kept(rows, left), w_left), (pix, kept(rows, right), 1.0 - w_left)]
-    else:
-        is_kept = (rows + cols) % 2 == branch
-        terms = [(pix[is_kept], pix[is_kept], torch.ones(int(is_kept.sum())))]
-        if fill == "neighbors":
-            shifts = [(-1, 0), (1, 0), (0, -1), (0, 1)]
-            inside = [
-                (rows + di >= 0) & (rows + di < height) & (cols + dj >= 0) & (cols + dj < width)
-                for di, dj in shifts
-            ]
-            count = sum(m.to(torch.float32) for m in inside)
-            for (di, dj), m in zip(shifts, inside, strict=True):
-                sel = m & ~is_kept
-                terms.append((pix[sel], (pix + di * width + dj)[sel], 1.0 / count[sel]))
-    out_pix = torch.cat([t[0].reshape(-1) for t in terms])
-    in_pix = torch.cat([t[1].reshape(-1) for t in terms])
-    weight = torch.cat([torch.as_tensor(t[2]).expand_as(t[0]).reshape(-1) for t in terms])
-    return out_pix, in_pix, weight.float()
+def _kept_index(height: int, width: int, branch: int, device: torch.device) -> torch.Tensor:
+    """(H, W/2) column of x that each packed pixel of the branch comes from (DESIGN.md §2.1)."""
+    rows = torch.arange(height, device=device)[:, None]
+    return 2 * torch.arange(width // 2, device=device)[None, :] + (rows + branch) % 2
 
 
-def noisy_views_input_grad(
-    grad_out: torch.Tensor, height: int, width: int, partition: str, fill: str
-) -> torch.Tensor:
-    """A^T applied to grad_out (N, P, S, C, H, W): the gradient with respect to x (N, C, H, W)."""
-    summed = grad_out.float().sum(dim=2).flatten(-2)  # (N, P, C, H*W)
-    grad_x = torch.zeros(*summed.shape[:1], summed.shape[2], height * width, device=summed.device)
-    for p in range(summed.shape[1]):
-        out_pix, in_pix, weight = (
-            t.to(summed.device) for t in _fill_triplets(height, width, partition, fill, p)
+def _neighbour_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the in-image 4-neighbours of every pixel (zero padding)."""
+    p = torch.nn.functional.pad(t, (1, 1, 1, 1))
+    return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
+
+
+def _fill_adjoint(g: torch.Tensor, branch: int, fill: str) -> torch.Tensor:
+    """fill_p^T: full-resolution (..., H, W) gradient -> packed (..., H, W/2) gradient."""
+    height, width = g.shape[-2], g.shape[-1]
+    idx = _kept_index(height, width, branch, g.device).expand(*g.shape[:-1], -1)
+    if fill == "pair":  # out[2k] = out[2k+1] = y[k]
+        return g[..., 0::2] + g[..., 1::2]
+    if fill == "bilinear":
+        # out[2t] = y[t-1]/4 + 3y[t]/4 (out[0] = y[0]); out[2t+1] = 3y[t]/4 + y[t+1]/4, the
+        # last one clamped to y[W/2-1]. Each y[t] collects its weights from both parities.
+        even, odd = g[..., 0::2], g[..., 1::2]
+        t = torch.arange(width // 2, device=g.device)
+        first, last = (t == 0).to(g.dtype), (t == width // 2 - 1).to(g.dtype)
+        pad = torch.nn.functional.pad
+        return (
+            0.75 * (even + odd)
+            + 0.25 * (pad(even[..., 1:], (0, 1)) + pad(odd[..., :-1], (1, 0)))
+            + 0.25 * (first * even + last * odd)
         )
-        grad_x.index_add_(-1, in_pix, summed[:, p].index_select(-1, out_pix) * weight)
-    return grad_x.reshape(grad_x.shape[0], grad_x.shape[1], height, width)
+    if fill == "neighbors":
+        # A dropped pixel is the mean of its in-image 4-neighbours, all of them kept.
+        rows = torch.arange(height, device=g.device)[:, None]
+        cols = torch.arange(width, device=g.device)[None, :]
+        kept = ((rows + cols) % 2 == branch).to(g.dtype)
+        count = _neighbour_sum(torch.ones(height, width, dtype=g.dtype, device=g.device))
+        g = g + _neighbour_sum(g * (1 - kept) / count)
+    return torch.gather(g, -1, idx)  # "zeros" and the kept part of "neighbors"
+
+
+def noisy_views_input_grad(grad_out: torch.Tensor, partition: str, fill: str) -> torch.Tensor:
+    """A^T applied to grad_out (N, P, S, C, H, W): the gradient with respect to x (N, C, H, W)."""
+    summed = grad_out.float().sum(dim=2)  # (N, P, C, H, W)
+    if partition == "none":
+        return summed[:, 0]
+    height, width = summed.shape[-2], summed.shape[-1]
+    grad_x = torch.zeros_like(summed[:, 0])
+    for p in range(summed.shape[1]):
+        idx = _kept_index(height, width, p, summed.device).expand_as(grad_x[..., : width // 2])
+        grad_x = grad_x.scatter_add(-1, idx, _fill_adjoint(summed[:, p], p, fill))
+    return grad_x
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, _, _, _, _, partition, fill, _ = inputs
-    ctx.geometry = (x.shape[2], x.shape[3], partition, fill)
+    _, _, _, _, _, _, partition, fill, _ = inputs
+    ctx.geometry = (partition, fill)
 
 
 def _backward(ctx, grad_out):

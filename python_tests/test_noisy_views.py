@@ -153,7 +153,7 @@ def float_ulp(t: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
 
 
-@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("partition", "fill"), [("diag", f) for f in FILLS] + [("none", "pair")])
 def test_16_bit_outputs(out_dtype: torch.dtype, partition: str, fill: str) -> None:
     """A 16-bit output is the float32 result rounded: within 1 ulp of the reference's cast."""
@@ -226,6 +226,28 @@ def test_non_contiguous_input() -> None:
     assert not x.is_contiguous()
     out = drs_ext.noisy_views(x, 0.5, num=2, seed=3)
     assert torch.equal(out, drs_ext.noisy_views(x.contiguous(), 0.5, num=2, seed=3))
+
+
+def test_non_contiguous_stream() -> None:
+    x = random_images((2, 3, 4, 6), seed=20)
+    stream = torch.tensor([5, 0, 17, 0])[::2]
+    assert not stream.is_contiguous()
+    out = drs_ext.noisy_views(x, 0.5, num=2, seed=3, stream=stream)
+    assert torch.equal(out, drs_ext.noisy_views(x, 0.5, num=2, seed=3, stream=stream.contiguous()))
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+def test_independent_of_the_number_of_threads(partition: str) -> None:
+    """The parallel split over (image, branch, sample) planes must not change any value."""
+    x = random_images((3, 3, 8, 8), seed=21)
+    kw = {"num": 40, "seed": 5, "offset": 2**32 - 20, "partition": partition}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = drs_ext.noisy_views(x, 0.5, **kw)  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(drs_ext.noisy_views(x, 0.5, **kw), serial)  # type: ignore[arg-type]
 
 
 def test_deterministic() -> None:

@@ -36,7 +36,7 @@ def check(logits: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 50, 7), (1, 1, 10), (64, 100, 3), (5, 17, 1), (2, 9, 1000)])
 def test_random_logits(dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
     gen = make_generator(sum(shape))
@@ -45,7 +45,7 @@ def test_random_logits(dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
     assert torch.equal(counts.sum(dim=1), torch.full((shape[0],), shape[1]))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_many_ties_go_to_the_first_maximum(dtype: torch.dtype) -> None:
     gen = make_generator(1)
     logits = torch.randint(0, 3, (6, 200, 5), generator=gen).to(dtype)  # ties in most rows
@@ -66,7 +66,7 @@ def test_many_ties_go_to_the_first_maximum(dtype: torch.dtype) -> None:
     assert per_row == [1, 0, 0, 2, 0, 0]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_rows_vote_for_nothing(dtype: torch.dtype) -> None:
     gen = make_generator(2)
     logits = torch.randn(4, 300, 6, generator=gen)
@@ -81,7 +81,7 @@ def test_nan_rows_vote_for_nothing(dtype: torch.dtype) -> None:
     assert torch.equal(counts.sum(dim=1), (~nan_rows).sum(dim=1))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_next_to_the_maximum(dtype: torch.dtype) -> None:
     """A NaN before or after the row's maximum: the row still votes for nothing."""
     nan = float("nan")
@@ -92,7 +92,7 @@ def test_nan_next_to_the_maximum(dtype: torch.dtype) -> None:
     assert counts.tolist() == [[0, 0, 1]]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_infinities_like_torch_argmax(dtype: torch.dtype) -> None:
     inf = float("inf")
     rows = torch.tensor(
@@ -140,7 +140,7 @@ def test_non_contiguous_logits() -> None:
     check(sliced)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_vote_counts(dtype: torch.dtype) -> None:
     gen = make_generator(6)
     logits = torch.randn(3, 20, 5, generator=gen).to(dtype)

@@ -1,0 +1,140 @@
+"""Gradients of noisy_views with respect to x.
+
+The views are affine in x (out = A x + noise, the noise fixed by the seed), so the backward must be
+the adjoint Aᵀ. Checked three ways: against the autograd of the reference's fill ∘ sub-image map
+(written with differentiable torch ops, in float64), by the identity <Aᵀ g, u> = <g, f(x + u) −
+f(x)> with the same seed, and with torch.autograd.gradcheck (finite differences are exact for an
+affine map up to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FILLS, PARTITIONS, branches, make_generator, random_images
+
+import drs_ext
+from drs_ext import reference
+
+SHAPES: list[tuple[int, int, int, int]] = [(2, 3, 5, 6), (1, 1, 1, 2), (3, 2, 4, 2)]
+
+
+def views(x: torch.Tensor, partition: str, fill: str, num: int = 3, seed: int = 5) -> torch.Tensor:
+    sigma = (0.3, 0.6) if partition == "diag" else 0.4
+    return drs_ext.noisy_views(
+        x,
+        sigma,
+        num=num,
+        seed=seed,
+        stream=torch.arange(x.shape[0]) + 10,
+        partition=partition,
+        fill=fill,
+    )
+
+
+def reference_adjoint(
+    grad_out: torch.Tensor, x: torch.Tensor, partition: str, fill: str
+) -> torch.Tensor:
+    """Aᵀ grad_out via autograd through drs_ext.reference's sub_image and fill, in float64."""
+    xd = x.detach().double().requires_grad_()
+    summed = grad_out.double().sum(dim=2)  # every sample applies the same A_p
+    loss = torch.zeros((), dtype=torch.float64)
+    for p in range(branches(partition)):
+        if partition == "none":
+            image = xd
+        else:
+            image = reference.fill(reference.sub_image(xd, p), p, x.shape[-1], fill)
+        loss = loss + (summed[:, p] * image).sum()
+    (grad,) = torch.autograd.grad(loss, xd)
+    return grad
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+@pytest.mark.parametrize("fill", FILLS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_is_the_adjoint_of_the_reference_map(
+    partition: str, fill: str, shape: tuple[int, int, int, int]
+) -> None:
+    x = random_images(shape, seed=1).requires_grad_()
+    out = views(x, partition, fill)
+    grad_out = torch.randn(out.shape, generator=make_generator(2))
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    assert grad.shape == x.shape and grad.dtype == torch.float32
+    expected = reference_adjoint(grad_out, x, partition, fill)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+@pytest.mark.parametrize("fill", FILLS)
+def test_vector_jacobian_identity(partition: str, fill: str) -> None:
+    """<x.grad, u> = <grad_out, f(x + u) − f(x)> for the same seed, since f is affine in x."""
+    gen = make_generator(3)
+    x = random_images((2, 3, 5, 6), seed=4).requires_grad_()
+    u = torch.randn(x.shape, generator=gen)
+    out = views(x, partition, fill)
+    grad_out = torch.randn(out.shape, generator=gen)
+    out.backward(grad_out)
+    assert x.grad is not None
+    lhs = float((x.grad.double() * u.double()).sum())
+    with torch.no_grad():
+        moved = views(x + u, partition, fill)
+    out = out.detach()
+    rhs = float((grad_out.double() * (moved.double() - out.double())).sum())
+    # float32 rounding of the two forward passes: a few ulps of each output element.
+    bound = 1e-6 * float((grad_out.abs() * (1 + out.abs() + moved.abs())).double().sum())
+    assert abs(lhs - rhs) <= bound, (lhs, rhs, bound)
+    assert abs(lhs) > 10 * bound  # the identity is not trivially 0 = 0
+
+
+@pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
+@pytest.mark.parametrize("partition", PARTITIONS)
+@pytest.mark.parametrize("fill", FILLS)
+def test_gradcheck(partition: str, fill: str) -> None:
+    x = random_images((1, 2, 2, 4), seed=5, scale=0.5).requires_grad_()
+
+    def f(inp: torch.Tensor) -> torch.Tensor:
+        return views(inp, partition, fill, num=2)
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+def test_gradient_does_not_depend_on_seed_sigma_or_stream() -> None:
+    x = random_images((2, 3, 4, 6), seed=6).requires_grad_()
+    grad_out = torch.randn(2, 2, 4, 3, 4, 6, generator=make_generator(7))
+    grads = []
+    for seed, sigma, stream in ((1, 0.5, [0, 1]), (2**40, (0.1, 2.0), [7, 2**32 - 1])):
+        out = drs_ext.noisy_views(x, sigma, num=4, seed=seed, stream=torch.tensor(stream))
+        grads.append(torch.autograd.grad(out, x, grad_out)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_with_16_bit_output(out_dtype: torch.dtype) -> None:
+    x = random_images((2, 3, 4, 6), seed=8).requires_grad_()
+    out = drs_ext.noisy_views(x, 0.5, num=3, seed=1, out_dtype=out_dtype)
+    assert out.requires_grad and out.dtype == out_dtype
+    grad_out = torch.randn(out.shape, generator=make_generator(9)).to(out_dtype)
+    out.backward(grad_out)
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    expected = reference_adjoint(grad_out.float(), x, "diag", "neighbors")
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sum_of_views_gradient_counts_samples() -> None:
+    """d/dx of the sum of all views: for "none" every pixel gets P·num; for "pair" each kept pixel
+    feeds two outputs per sample, so the gradient is 2·num on kept pixels of each branch."""
+    x = random_images((1, 2, 4, 6), seed=10).requires_grad_()
+    drs_ext.noisy_views(x, 0.5, num=5, seed=1, partition="none").sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, torch.full_like(x, 5.0))
+    x.grad = None
+    drs_ext.noisy_views(x, 0.5, num=5, seed=1, partition="diag", fill="pair").sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, torch.full_like(x, 10.0))  # each pixel kept by one branch
+
+
+def test_no_grad_and_detached_inputs() -> None:
+    x = random_images((1, 1, 2, 4), seed=11)
+    assert not drs_ext.noisy_views(x, 0.5, num=2, seed=1).requires_grad
+    with torch.no_grad():
+        assert not drs_ext.noisy_views(x.requires_grad_(), 0.5, num=2, seed=1).requires_grad
