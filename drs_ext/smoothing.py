@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .model_call import ModelCall
 from .ops import noisy_views, vote_counts
 from .radius import drs_radius, rs_radius
 from .stats import binom_test_p_value, lower_confidence_bound
@@ -98,16 +99,14 @@ class _Smoothing:
         sigmas: list[float],
         partition: str,
         fill: str,
-        autocast_dtype: torch.dtype | None,
-        channels_last: bool,
+        model_call: ModelCall,
     ) -> None:
         self.branches = [_Ensemble(b) for b in branches]
         self.num_classes = _check_positive_int("num_classes", num_classes)
         self.sigmas = sigmas
         self.partition = partition
         self.fill = fill
-        self.autocast_dtype = autocast_dtype
-        self.channels_last = channels_last
+        self.model_call = model_call
 
     def _check_call(self, x: torch.Tensor, seed: int, stream: int) -> None:
         for name, value, upper in (("seed", seed, 2**63), ("stream", stream, 2**32)):
@@ -122,16 +121,6 @@ class _Smoothing:
             raise ValueError(f"x must be float32, got {x.dtype}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x must be finite, found NaN or Inf in the input image")
-
-    def _logits(self, model: nn.Module, views: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            views.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
-            return model(views)
 
     def sample_counts(
         self,
@@ -171,7 +160,7 @@ class _Smoothing:
                 for p, branch in enumerate(self.branches):
                     take = min(size, draws[p] - start)
                     if take > 0:
-                        logits = self._logits(branch, views[p, :take])
+                        logits = self.model_call(branch, views[p, :take])
                         counts[p] += vote_counts(logits[None])[0]
         counts_host = counts.cpu().numpy()
         missing = np.asarray(draws) - counts_host.sum(axis=1)
@@ -196,7 +185,11 @@ class _Smoothing:
 
 
 class SmoothedClassifier(_Smoothing):
-    """Standard RS: g(x) = argmax_c P(f(x + ε) = c), ε ~ N(0, σ² I). Cohen et al.'s interface."""
+    """Standard RS: g(x) = argmax_c P(f(x + ε) = c), ε ~ N(0, σ² I). Cohen et al.'s interface.
+
+    autocast_dtype, channels_last and cuda_graph choose how views go through the model
+    (drs_ext.model_call.ModelCall); they change nothing else.
+    """
 
     def __init__(
         self,
@@ -206,6 +199,7 @@ class SmoothedClassifier(_Smoothing):
         *,
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(
             [base_classifier],
@@ -213,8 +207,7 @@ class SmoothedClassifier(_Smoothing):
             [_check_sigma(sigma)],
             "none",
             "neighbors",
-            autocast_dtype,
-            channels_last,
+            ModelCall(autocast_dtype, channels_last, cuda_graph),
         )
         self.sigma = self.sigmas[0]
 
@@ -271,7 +264,8 @@ class SmoothedClassifier(_Smoothing):
 class DualSmoothedClassifier(_Smoothing):
     """DRS (paper 002): g(x) = argmax_c (P(fˡ(xˡ + εˡ) = c) + P(fʳ(xʳ + εʳ) = c)) / 2, where
     xˡ, xʳ are the two diagonal sub-images of x (DESIGN.md §2.1), εₚ ~ N(0, σₚ² I), and each
-    branch classifier sees its noisy sub-image brought back to full resolution by `fill`."""
+    branch classifier sees its noisy sub-image brought back to full resolution by `fill`.
+    The keyword options are those of SmoothedClassifier."""
 
     def __init__(
         self,
@@ -283,6 +277,7 @@ class DualSmoothedClassifier(_Smoothing):
         *,
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         pair = sigma if isinstance(sigma, (tuple, list)) else (sigma, sigma)
         if len(pair) != 2:
@@ -294,8 +289,7 @@ class DualSmoothedClassifier(_Smoothing):
             sigmas,
             "diag",
             fill,
-            autocast_dtype,
-            channels_last,
+            ModelCall(autocast_dtype, channels_last, cuda_graph),
         )
         self.sigma_l, self.sigma_r = sigmas
 

@@ -199,3 +199,16 @@ def test_bad_constructor_arguments() -> None:
         SmoothedClassifier(model, 0, 0.5)
     with pytest.raises(TypeError, match="nn.Module"):
         SmoothedClassifier([], K, 0.5)
+
+
+def test_model_call_options_change_nothing_but_the_model_outputs(image: torch.Tensor) -> None:
+    model = nn.Sequential(nn.Conv2d(C, 3, 3), nn.Flatten(), nn.Linear(3 * (H - 2) * (W - 2), K))
+    plain = SmoothedClassifier(model, K, 0.5).sample_counts(
+        image, [200], 64, seed=0, stream=0, offset=0
+    )
+    # channels_last is a layout change and cuda_graph is inert off the GPU: same votes exactly.
+    layout = SmoothedClassifier(model, K, 0.5, channels_last=True, cuda_graph=True)
+    assert (layout.sample_counts(image, [200], 64, seed=0, stream=0, offset=0) == plain).all()
+    # bfloat16 autocast changes the logits slightly, never the number of votes.
+    low = SmoothedClassifier(model, K, 0.5, autocast_dtype=torch.bfloat16)
+    assert low.sample_counts(image, [200], 64, seed=0, stream=0, offset=0).sum() == 200
