@@ -72,10 +72,18 @@ def noisy_views(
     P = 1 for "none": out[n, p, s] = fill_p(sub_p(x[n]) + sigma_p * eps(seed, stream[n], p,
     offset + s)). `stream` (N,) int64 holds per-image ids (default arange(N)), so an image's
     noise does not depend on the batch it sits in. `fill` is ignored for partition="none".
+    On CUDA, stream ids outside [0, 2^32) stop the kernel with a device-side assert.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _check_device(x)
+    if x.is_cuda:
+        # The CUDA kernel cannot check x without a host synchronisation; this asserts on the
+        # device instead (asynchronous and capturable; like any device assert it is fatal to the
+        # CUDA context). The CPU kernel checks x itself.
+        torch._assert_async(
+            torch.isfinite(x).all(), "noisy_views: x must be finite, found NaN or Inf in x"
+        )
     sigmas = _sigma_list(sigma)
     num = _check_int("num", num, 1, _MAX_SAMPLES + 1)
     seed = _check_int("seed", seed, 0, _MAX_SEED)

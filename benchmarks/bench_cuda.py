@@ -1,0 +1,494 @@
+"""GPU benchmark of the CUDA kernels and of certification on the GPU (DESIGN.md §5).
+
+    python benchmarks/bench_cuda.py [--quick] [--no-write]
+
+(a) Noisy views: drs_ext.noisy_views vs the plain-PyTorch pipeline users write today (x.repeat,
+    torch.randn_like, indexing of the diagonal sub-image, 4-neighbour fill with F.pad shifts,
+    then .to(out_dtype)), 3x32x32 and 3x224x224, num=1000 draws (ImageNet in 4 calls of 250
+    draws, 300 MB of float32 views each, as a certify loop would batch them), partition
+    "diag" x fill "neighbors" and "none", float32 and float16 output.
+(b) Bandwidth: the bytes the op writes once / its time, as a fraction of the device-to-device
+    copy bandwidth measured in the same run ((bytes read + bytes written) / time of a 1 GiB copy).
+(c) CERTIFY end to end (n0=100, n=100,000, alpha=0.001, sigma=0.25) of a CIFAR ResNet-110 with
+    random weights: SmoothedClassifier / DualSmoothedClassifier vs a Cohen et al.-style loop
+    (repeat, randn_like, model, argmax, .cpu() + bincount per batch; for DRS the views of (a)),
+    images per second, in float32 and with autocast(float16) + channels_last.
+GPU times are CUDA-event medians after warm-up; the pipelines run alternately in the same run.
+Prints markdown tables and writes them to benchmarks/RESULTS.md under "## GPU", keeping the other
+sections. Without a CUDA device, or with a build of drs_ext without CUDA kernels, it says so and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import drs_ext
+from drs_ext.smoothing import DualSmoothedClassifier, SmoothedClassifier
+from drs_ext.stats import lower_confidence_bound
+
+SEED = 1234
+NUM_CLASSES = 10
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain-PyTorch pipeline, on the image's device, written as a user would.
+
+
+class PlainViews:
+    """Noisy views of one image (C, H, W): torch RNG, indexing and shifts, no drs_ext."""
+
+    def __init__(self, x: torch.Tensor, partition: str) -> None:
+        self.x = x
+        self.partition = partition
+        _, height, width = x.shape
+        rows = torch.arange(height, device=x.device)[:, None]
+        cols = torch.arange(width, device=x.device)[None, :]
+        # Branch p keeps the pixels with (i + j) % 2 == p (the two diagonals of each 2x2 block).
+        self.masks = [(rows + cols) % 2 == p for p in range(2)]
+        self.kept = [m.flatten().nonzero().squeeze(1) for m in self.masks]
+        self.subs = [x.flatten(1)[:, k] for k in self.kept]  # (C, H*W/2) per branch
+        self.counts = [neighbour_sum(m.float()[None, None])[0, 0] for m in self.masks]
+
+    def branch(self, p: int, num: int, sigma: float) -> torch.Tensor:
+        """(num, C, H, W) float32 views of branch p (for "none": the whole image)."""
+        x = self.x
+        if self.partition == "none":
+            batch = x.repeat(num, 1, 1, 1)
+            return batch + torch.randn_like(batch) * sigma
+        channels, height, width = x.shape
+        sub = self.subs[p].repeat(num, 1, 1)  # noise lives in sub-image space
+        noisy = sub + torch.randn_like(sub) * sigma
+        placed = sub.new_zeros(num, channels, height * width)
+        placed[:, :, self.kept[p]] = noisy
+        placed = placed.view(num, channels, height, width)
+        average = neighbour_sum(placed) / self.counts[p]  # fill "neighbors"
+        return torch.where(self.masks[p], placed, average)
+
+    def views(self, num: int, sigma: float, dtype: torch.dtype) -> list[torch.Tensor]:
+        branches = 1 if self.partition == "none" else 2
+        return [self.branch(p, num, sigma).to(dtype) for p in range(branches)]
+
+
+def neighbour_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of the four 4-connected neighbours of every pixel, zero outside the image."""
+    p = F.pad(t, (1, 1, 1, 1))
+    return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+
+def gpu_ms(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median CUDA-event time (ms) of each function, the functions run alternately."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def copy_bandwidth(warmup: int, repeats: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s: (bytes read + bytes written) / time."""
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = gpu_ms({"copy": lambda: dst.copy_(src)}, warmup, repeats)["copy"]
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) + (b) noisy views.
+
+
+def check_against_cpu() -> float:
+    """max |CUDA - CPU| of a small call: the timed kernel computes the right thing."""
+    x = torch.rand(2, 3, 32, 32)
+    diff = 0.0
+    for partition in ("diag", "none"):
+        kw = {"num": 16, "seed": SEED, "partition": partition}
+        cpu = drs_ext.noisy_views(x, 0.25, **kw)  # type: ignore[arg-type]
+        cuda = drs_ext.noisy_views(x.cuda(), 0.25, **kw)  # type: ignore[arg-type]
+        diff = max(diff, float((cuda.cpu() - cpu).abs().max()))
+    return diff
+
+
+def fused_views(
+    x: torch.Tensor,
+    stream: torch.Tensor,
+    num: int,
+    chunk: int,
+    sigma: float,
+    partition: str,
+    dtype: torch.dtype,
+) -> None:
+    """num draws of x's views, `chunk` per noisy_views call."""
+    for start in range(0, num, chunk):
+        drs_ext.noisy_views(
+            x[None],
+            sigma,
+            num=chunk,
+            seed=SEED,
+            offset=start,
+            stream=stream,
+            partition=partition,
+            out_dtype=dtype,
+        )
+
+
+def plain_views(plain: PlainViews, num: int, chunk: int, sigma: float, dtype: torch.dtype) -> None:
+    """The same draws through the plain pipeline."""
+    for _ in range(0, num, chunk):
+        plain.views(chunk, sigma, dtype)
+
+
+def bench_views(args: argparse.Namespace, copy_bw: float) -> list[list[str]]:
+    sigma, num = 0.25, 1000
+    configs = [("CIFAR 3x32x32", (3, 32, 32), num)]
+    if not args.quick:
+        configs.append(("ImageNet 3x224x224", (3, 224, 224), 250))
+    rows = []
+    for label, shape, chunk in configs:
+        x = torch.rand(shape, device="cuda")
+        stream = torch.zeros(1, dtype=torch.int64, device="cuda")
+        for partition in ("diag", "none"):
+            plain = PlainViews(x, partition)
+            branches = 2 if partition == "diag" else 1
+            for dtype in (torch.float32, torch.float16):
+                fused = functools.partial(
+                    fused_views, x, stream, num, chunk, sigma, partition, dtype
+                )
+                baseline = functools.partial(plain_views, plain, num, chunk, sigma, dtype)
+                ms = gpu_ms({"plain": baseline, "fused": fused}, args.warmup, args.repeats)
+                written = branches * num * x.numel() * torch.finfo(dtype).bits // 8
+                rows.append(
+                    [
+                        label,
+                        "diag x neighbors" if partition == "diag" else "none",
+                        str(dtype).removeprefix("torch."),
+                        f"{num}" if chunk == num else f"{num} ({num // chunk} x {chunk})",
+                        f"{ms['plain']:.3f}",
+                        f"{ms['fused']:.3f}",
+                        f"{ms['plain'] / ms['fused']:.1f}x",
+                        f"{written / (ms['fused'] * 1e-3) / 1e9:.0f}",
+                        f"{100 * written / (ms['fused'] * 1e-3) / copy_bw:.0f}%",
+                        f"{100 * written / (ms['plain'] * 1e-3) / copy_bw:.0f}%",
+                    ]
+                )
+                print("  " + " | ".join(rows[-1]), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) certification of a CIFAR ResNet-110.
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        # Small residual branches keep the random network's activations bounded in float16.
+        nn.init.constant_(self.bn2.weight, 0.2)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-110 for CIFAR (He et al. 2016; Cohen et al.'s cifar_resnet110): 3 stages of 18
+    basic blocks with 16/32/64 channels, 1.7M parameters."""
+
+    def __init__(self, depth: int = 110, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        blocks = (depth - 2) // 6
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, 16, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        ]
+        cin = 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, cout, stride if b == 0 else 1))
+                cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CohenLoop:
+    """Cohen et al.'s core.Smooth.certify, one pass per branch (DRS: the views of (a)), with
+    the same model options as the smoothing classes: every batch syncs for .cpu()."""
+
+    def __init__(
+        self,
+        models: list[nn.Module],
+        sigma: float,
+        autocast_dtype: torch.dtype | None,
+        channels_last: bool,
+    ) -> None:
+        self.models = models
+        self.sigma = sigma
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
+
+    def counts(self, x: torch.Tensor, num: int, batch_size: int) -> np.ndarray:
+        partition = "none" if len(self.models) == 1 else "diag"
+        plain = PlainViews(x, partition)
+        counts = np.zeros((len(self.models), NUM_CLASSES), dtype=np.int64)
+        with torch.inference_mode():
+            for p, model in enumerate(self.models):
+                remaining = num
+                while remaining > 0:
+                    this_batch = min(batch_size, remaining)
+                    remaining -= this_batch
+                    batch = plain.branch(p, this_batch, self.sigma)
+                    if self.channels_last:
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(
+                        "cuda",
+                        dtype=self.autocast_dtype or torch.float32,
+                        enabled=self.autocast_dtype is not None,
+                    ):
+                        predictions = model(batch).argmax(1)
+                    counts[p] += np.bincount(predictions.cpu().numpy(), minlength=NUM_CLASSES)
+        return counts
+
+    def certify(
+        self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int
+    ) -> tuple[int, float]:
+        """(top class, lower confidence bound of its probability); the radius is omitted."""
+        c_hat = int(self.counts(x, n0, batch_size).sum(axis=0).argmax())
+        counts = self.counts(x, n, batch_size)[:, c_hat]
+        # RS bound, or the DRS bound with alpha/2 per branch (DESIGN.md §2.4); timing only.
+        split = alpha / len(self.models)
+        return c_hat, min(lower_confidence_bound(int(k), n, split) for k in counts)
+
+
+FAST_OPTIONS = (
+    "float32",
+    "autocast fp16 + channels_last",
+    "autocast fp16 + channels_last + CUDA graph",
+)
+
+
+def bench_certify(args: argparse.Namespace) -> list[list[str]]:
+    sigma, alpha = 0.25, 0.001
+    n0, n, batch = 100, args.n, args.batch
+    torch.manual_seed(0)
+    images = [torch.rand(3, 32, 32, device="cuda") for _ in range(args.images)]
+    rows = []
+    for method in ("RS", "DRS"):
+        for option in FAST_OPTIONS:
+            fast = option != "float32"
+            graph = option.endswith("CUDA graph")
+            autocast_dtype = torch.float16 if fast else None
+            memory_format = torch.channels_last if fast else torch.contiguous_format
+            models = [
+                CifarResNet().cuda().eval().to(memory_format=memory_format)
+                for _ in range(1 if method == "RS" else 2)
+            ]
+            smoothed: SmoothedClassifier | DualSmoothedClassifier
+            if method == "RS":
+                smoothed = SmoothedClassifier(
+                    models[0],
+                    NUM_CLASSES,
+                    sigma,
+                    autocast_dtype=autocast_dtype,
+                    channels_last=fast,
+                    cuda_graph=graph,
+                )
+            else:
+                smoothed = DualSmoothedClassifier(
+                    models[0],
+                    models[1],
+                    NUM_CLASSES,
+                    sigma,
+                    autocast_dtype=autocast_dtype,
+                    channels_last=fast,
+                    cuda_graph=graph,
+                )
+            cohen = CohenLoop(models, sigma, autocast_dtype, fast)
+            runs: dict[str, Callable[..., object]] = {
+                "Cohen-style loop": functools.partial(
+                    cohen.certify, n0=n0, alpha=alpha, batch_size=batch
+                ),
+                "drs_ext": functools.partial(
+                    smoothed.certify, n0=n0, alpha=alpha, batch_size=batch, seed=SEED
+                ),
+            }
+            seconds: dict[str, float] = {}
+            for name, run in runs.items():
+                run(images[0], n=2 * batch)  # warm-up: cuDNN autotuning, allocator
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for x in images:
+                    run(x, n=n)
+                torch.cuda.synchronize()
+                seconds[name] = (time.perf_counter() - start) / len(images)
+            base = seconds["Cohen-style loop"]
+            for name, sec in seconds.items():
+                rows.append(
+                    [
+                        method,
+                        name,
+                        option,
+                        f"{sec:.2f}",
+                        f"{1 / sec:.3f}",
+                        f"{base / sec:.2f}x",
+                    ]
+                )
+                print("  " + " | ".join(rows[-1]), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace (or add) section `## title` of RESULTS.md; the other sections stay as they are."""
+    text = "# drs_ext benchmark results\n\n"
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            text = f.read()
+    section = f"## {title}\n\n{body.strip()}\n\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + section
+    with open(RESULTS, "w") as f:
+        f.write(text.rstrip() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CIFAR views, n=10,000, 1 image")
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--images", type=int, default=None, help="images certified per setting")
+    parser.add_argument("--batch", type=int, default=1000, help="certify batch size")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_cuda: no CUDA device (torch.cuda.is_available() is False); nothing to do.")
+        return 0
+    if not drs_ext.built_with_cuda:
+        print(
+            "bench_cuda: drs_ext was built without its CUDA kernels; rebuild on a machine with "
+            "CUDA (pip install --no-build-isolation -e .) to run this benchmark."
+        )
+        return 0
+    args.warmup, args.repeats = (2, 5) if args.quick else (3, 15)
+    args.n = 10_000 if args.quick else 100_000
+    args.images = args.images or (1 if args.quick else 2)
+    torch.backends.cudnn.benchmark = True
+    command = " ".join(["python", "benchmarks/bench_cuda.py", *(argv or sys.argv[1:])])
+    props = torch.cuda.get_device_properties(0)
+    device = (
+        f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, drs_ext {drs_ext.__version__} "
+        f"(archs {drs_ext.cuda_archs or 'default'})"
+    )
+    print(f"# {device}\n# median of {args.repeats} runs after {args.warmup} warm-up runs")
+    diff = check_against_cpu()
+    print(f"check: max |CUDA - CPU| = {diff:.2e}")
+    copy_bw = copy_bandwidth(args.warmup, args.repeats)
+    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    print("(a, b) noisy views")
+    views = bench_views(args, copy_bw)
+    print(f"(c) CERTIFY, ResNet-110, n0=100, n={args.n}")
+    certify = bench_certify(args)
+
+    body = "\n\n".join(
+        [
+            f"Date: {datetime.date.today().isoformat()}  \nDevice: {device}  \n"
+            f"Command: `{command}`  \nKernel times are medians of {args.repeats} CUDA-event "
+            f"timings after {args.warmup} warm-up runs, both pipelines timed alternately in the "
+            f"same run. Check: max |CUDA - CPU| of the op = {diff:.1e}. Device-to-device copy "
+            f"bandwidth: {copy_bw / 1e9:.0f} GB/s (bytes read + written / time, 1 GiB copy).",
+            "### (a, b) Noisy views\n\n"
+            "Plain: `x.repeat` + `torch.randn_like` (+ for diag: indexing of the diagonal "
+            "sub-image, noise in sub-image space, 4-neighbour fill with `F.pad` shifts), both "
+            "branches, then `.to(dtype)`. drs_ext: one `noisy_views` call per chunk with "
+            "`out_dtype`. 'of copy BW': bytes of the views written once / time, over the copy "
+            "bandwidth above (the memory-bandwidth floor of the op; the plain pipeline is "
+            "credited with the same bytes).\n\n"
+            + table(
+                [
+                    "input",
+                    "partition x fill",
+                    "out dtype",
+                    "draws",
+                    "plain ms",
+                    "drs_ext ms",
+                    "speed-up",
+                    "drs_ext GB/s",
+                    "drs_ext of copy BW",
+                    "plain of copy BW",
+                ],
+                views,
+            ),
+            f"### (c) CERTIFY, CIFAR ResNet-110\n\n"
+            f"n0 = 100, n = {args.n:,}, alpha = 0.001, sigma = 0.25, batch {args.batch}, "
+            f"{args.images} image(s) per row after a warm-up certify; random weights; "
+            "`torch.backends.cudnn.benchmark = True`. Cohen-style loop: per batch `repeat`, "
+            "`randn_like` (DRS: the plain views of (a) per branch), model, `argmax`, `.cpu()` "
+            "+ `bincount`. drs_ext: `SmoothedClassifier` / `DualSmoothedClassifier` (noisy_views "
+            "for both branches, vote_counts on the device, one copy per sample_counts call). "
+            "'autocast fp16 + channels_last': the classes' `autocast_dtype=torch.float16, "
+            "channels_last=True`, the model converted to channels_last, and the same for the "
+            "loop. '+ CUDA graph' adds `cuda_graph=True` (the model call captured once per batch "
+            "shape and replayed; the Cohen-style loop has no such option and runs as before).\n\n"
+            + table(
+                ["method", "pipeline", "options", "s / image", "images / s", "speed-up"],
+                certify,
+            ),
+        ]
+    )
+    print("\n" + body)
+    if not args.no_write:
+        write_section("GPU", body)
+        print(f"\nwrote {RESULTS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+// noisy_views on CUDA, the same function as csrc/cpu/noisy_views_kernel.cpp:
+// out[n, p, s] = fill_p(sub_p(x[n]) + sigma_p * eps(seed, stream[n], p, offset + s)), in one pass
+// that reads x (an L2-resident image) and writes each output element once.
+//
+// partition "none": a thread draws one Philox element group (4 normals, drs::normal4) and writes
+// those 4 consecutive outputs, one vector store where the output is aligned.
+// partition "diag": a block owns one tile of one (n, p, s) plane (noisy_views_diag.cuh). It draws
+// the noisy sub-image of the tile and the one-pixel halo its fill reads into shared memory, so
+// each normal is drawn once (up to halos), then writes the tile's full-resolution pixels with
+// drs::fill_pixel, 16 bytes per store where aligned.
+// Index math inside a plane is 32-bit (checked below), plane offsets are 64-bit.
+//
+// x must be finite; checking that here would cost a host synchronisation, so the Python layer
+// checks it (drs_ext.smoothing before sampling, drs_ext.ops with an asynchronous assert).
+// Stream ids outside [0, 2^32) stop the kernel with a device-side assertion.
+#include <ATen/Dispatch_v2.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "drs/normal.h"
+#include "drs/partition.h"
+#include "noisy_views_args.h"
+#include "noisy_views_diag.cuh"
+
+namespace drs_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+constexpr int64_t kMaxGridY = 65535;
+
+// Fields shared by both kernels. A plane is one (n, p, s): C·H·W outputs.
+struct Common {
+  const float* x;          // (N, C, H, W), contiguous
+  const int64_t* stream;   // (N,)
+  uint32_t key0, key1;     // seed
+  float sigma[2];          // per branch
+  uint64_t offset;         // index of sample 0
+  int64_t num;             // samples per (image, branch)
+  int64_t branches;
+  int64_t planes;          // N * branches * num
+  int32_t plane_size;      // C·H·W
+};
+
+struct Plane {
+  int64_t image;
+  int branch;
+  uint64_t sample;
+  uint32_t stream;
+};
+
+__device__ __forceinline__ Plane locate(const Common& c, int64_t plane) {
+  Plane q;
+  const int64_t image_branch = plane / c.num;
+  q.sample = c.offset + static_cast<uint64_t>(plane - image_branch * c.num);
+  q.image = image_branch / c.branches;
+  q.branch = static_cast<int>(image_branch - q.image * c.branches);
+  const int64_t id = c.stream[q.image];
+  CUDA_KERNEL_ASSERT_MSG(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
+                         "noisy_views: stream ids must lie in [0, 2^32)");
+  q.stream = static_cast<uint32_t>(id);
+  return q;
+}
+
+// ---------------------------------------------------------------------------------------------
+// partition "none": the sub-image is the image; element e of a plane is output e.
+
+template <typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    noisy_views_none_kernel(Common c, int32_t num_groups, bool vectorize,
+                            out_t* __restrict__ out) {
+  for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
+    const Plane q = locate(c, plane);
+    const float sigma = q.branch == 0 ? c.sigma[0] : c.sigma[1];
+    const float* image = c.x + q.image * c.plane_size;
+    out_t* dst = out + plane * c.plane_size;
+    for (int32_t g = blockIdx.y * blockDim.x + threadIdx.x; g < num_groups;
+         g += gridDim.y * blockDim.x) {
+      float z[4];
+      drs::normal4(c.key0, c.key1, static_cast<uint32_t>(g), q.sample, q.branch, q.stream, z);
+      const int32_t e = 4 * g;
+      if (vectorize && e + 4 <= c.plane_size) {
+        const float4 xv = *reinterpret_cast<const float4*>(image + e);
+        Vec<out_t, 4> v;
+        v.v[0] = static_cast<out_t>(xv.x + sigma * z[0]);
+        v.v[1] = static_cast<out_t>(xv.y + sigma * z[1]);
+        v.v[2] = static_cast<out_t>(xv.z + sigma * z[2]);
+        v.v[3] = static_cast<out_t>(xv.w + sigma * z[3]);
+        *reinterpret_cast<Vec<out_t, 4>*>(dst + e) = v;
+      } else {
+        for (int l = 0; l < 4 && e + l < c.plane_size; ++l) {
+          dst[e + l] = static_cast<out_t>(image[e + l] + sigma * z[l]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// partition "diag": tiles of the packed (C·H, W/2) plane staged in shared memory
+// (noisy_views_diag.cuh).
+
+template <drs::Fill kFill, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    noisy_views_diag_kernel(Common c, diag::Geometry geo, out_t* __restrict__ out) {
+  constexpr int kVec = 16 / sizeof(out_t);
+  extern __shared__ float window[];
+  for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
+    const Plane q = locate(c, plane);
+    const diag::Draw d{c.key0, c.key1, q.sample, static_cast<uint32_t>(q.branch), q.stream,
+                       q.branch == 0 ? c.sigma[0] : c.sigma[1]};
+    const float* image = c.x + q.image * c.plane_size;
+    out_t* dst = out + plane * c.plane_size;
+    const int32_t phase = static_cast<int32_t>((plane * c.plane_size) % kVec);
+    for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
+      const diag::Tile t = diag::make_tile<kFill>(geo, tile);
+      for (int32_t item = threadIdx.x; item < diag::draw_items(geo, t); item += blockDim.x) {
+        diag::draw_item(geo, t, item, d, image, window);
+      }
+      __syncthreads();
+      for (int32_t item = threadIdx.x; item < diag::store_items(geo, t); item += blockDim.x) {
+        diag::store_item<kFill, out_t, kVec>(geo, t, item, phase, q.branch, window, dst);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+template <typename out_t>
+void launch_diag(const Common& c, const diag::Geometry& geo, drs::Fill fill, out_t* out,
+                 cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(std::min(c.planes, kMaxGridX)),
+                  static_cast<unsigned>(std::min<int64_t>(geo.tiles, kMaxGridY)));
+  const size_t smem = diag::window_bytes(geo);
+  switch (fill) {
+    case drs::Fill::kNeighbors:
+      noisy_views_diag_kernel<drs::Fill::kNeighbors, out_t>
+          <<<grid, kThreads, smem, stream>>>(c, geo, out);
+      break;
+    case drs::Fill::kPair:
+      noisy_views_diag_kernel<drs::Fill::kPair, out_t>
+          <<<grid, kThreads, smem, stream>>>(c, geo, out);
+      break;
+    case drs::Fill::kBilinear:
+      noisy_views_diag_kernel<drs::Fill::kBilinear, out_t>
+          <<<grid, kThreads, smem, stream>>>(c, geo, out);
+      break;
+    case drs::Fill::kZeros:
+      noisy_views_diag_kernel<drs::Fill::kZeros, out_t>
+          <<<grid, kThreads, smem, stream>>>(c, geo, out);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename out_t>
+void launch_none(const Common& c, int64_t num_groups, out_t* out, cudaStream_t stream) {
+  const int64_t blocks_per_plane = (num_groups + kThreads - 1) / kThreads;
+  const dim3 grid(static_cast<unsigned>(std::min(c.planes, kMaxGridX)),
+                  static_cast<unsigned>(std::min(blocks_per_plane, kMaxGridY)));
+  // A group's 4 inputs and 4 outputs are aligned vectors when every image and plane starts on a
+  // 4-element boundary and x itself is 16-byte aligned (a view of x may not be).
+  const bool vectorize =
+      c.plane_size % 4 == 0 && reinterpret_cast<uintptr_t>(c.x) % alignof(float4) == 0;
+  noisy_views_none_kernel<out_t>
+      <<<grid, kThreads, 0, stream>>>(c, static_cast<int32_t>(num_groups), vectorize, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor noisy_views_cuda(const at::Tensor& x, at::ArrayRef<double> sigma, int64_t num,
+                            int64_t seed, int64_t offset, const at::Tensor& stream,
+                            c10::string_view partition, c10::string_view fill,
+                            std::optional<at::ScalarType> out_dtype) {
+  const NoisyViewsArgs args =
+      check_noisy_views_args(x, sigma, num, seed, offset, stream, partition, fill, out_dtype);
+  TORCH_CHECK(x.is_cuda(), "noisy_views (CUDA kernel): x must be a CUDA tensor, got ",
+              x.device());
+  const int64_t images = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t plane_size = channels * height * width;
+  TORCH_CHECK(plane_size <= std::numeric_limits<int32_t>::max() - 64,
+              "noisy_views (CUDA kernel): an image may hold at most 2^31 - 65 elements, got ",
+              plane_size, " (shape ", x.sizes(), ")");
+  c10::cuda::OptionalCUDAGuard guard(x.device());
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor stream_c = stream.contiguous();
+  at::Tensor out = at::empty({images, args.branches, num, channels, height, width},
+                             x.options().dtype(args.out_dtype));
+  if (out.numel() == 0) return out;
+
+  Common c;
+  c.x = x_c.data_ptr<float>();
+  c.stream = stream_c.data_ptr<int64_t>();
+  c.key0 = args.key0;
+  c.key1 = args.key1;
+  c.sigma[0] = args.sigma[0];
+  c.sigma[1] = args.sigma[1];
+  c.offset = static_cast<uint64_t>(offset);
+  c.num = num;
+  c.branches = args.branches;
+  c.planes = images * args.branches * num;
+  c.plane_size = static_cast<int32_t>(plane_size);
+  const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_V2(
+      args.out_dtype, "noisy_views_cuda", AT_WRAP([&] {
+        scalar_t* out_ptr = out.data_ptr<scalar_t>();
+        if (args.partition == drs::Partition::kNone) {
+          launch_none(c, args.num_groups, out_ptr, cuda_stream);
+        } else {
+          const diag::Geometry geo = diag::make_geometry(
+              channels, height, width, 16 / static_cast<int>(sizeof(scalar_t)));
+          launch_diag(c, geo, args.fill, out_ptr, cuda_stream);
+        }
+      }),
+      at::kFloat, at::kHalf, at::kBFloat16);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(drs_ext, CUDA, m) { m.impl("noisy_views", &noisy_views_cuda); }
+
+}  // namespace drs_ext

@@ -1,0 +1,377 @@
+"""The CUDA kernels against the CPU kernels, drs_ext.reference and torch.bincount.
+
+Runs only with a CUDA device and a build of drs_ext with its CUDA kernels; skipped otherwise.
+Covers every partition × fill × out_dtype on shapes that reach each tiling case of the "diag"
+kernel (one tile per plane, row tiles spanning channels, column tiles, odd sub-image widths,
+224×224), chunk and batch independence, unaligned inputs, opcheck, vote counts with ties, NaN
+and infinite logits, CUDA-graph capture, and a certificate on CUDA equal to the CPU one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FILLS, assert_close_to, random_images, reference_atol
+from torch import nn
+
+import drs_ext
+from drs_ext import reference
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and drs_ext.built_with_cuda),
+    reason=(
+        "needs a CUDA GPU and drs_ext built with its CUDA kernels "
+        f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
+        f"drs_ext.built_with_cuda={drs_ext.built_with_cuda})"
+    ),
+)
+
+DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+# (N, C, H, W) for "diag". Tiling (csrc/cuda/noisy_views_diag.cuh): W/2 <= 128 gives whole-row
+# tiles of about 4096 packed elements, wider sub-images column tiles of at most 128 columns.
+DIAG_SHAPES: list[tuple[int, int, int, int]] = [
+    (1, 3, 32, 32),  # CIFAR: one tile per plane, spanning the 3 channels
+    (2, 1, 6, 10),  # N > 1, C = 1, H != W, W/2 = 5 odd, m = 30 not a multiple of 4
+    (3, 3, 7, 14),  # odd H and W/2
+    (1, 3, 70, 40),  # two row tiles, the boundary inside a channel (halo rows)
+    (1, 1, 5, 600),  # three column tiles (halo columns)
+    (2, 2, 11, 262),  # column tiles of 66 columns, rows spanning channels
+    (1, 1, 1, 2),  # a single packed pixel
+    (1, 3, 224, 224),  # ImageNet: 19 row tiles
+]
+NONE_SHAPES: list[tuple[int, int, int, int]] = [
+    (1, 3, 32, 32),
+    (2, 1, 5, 7),  # m = 35: partial last group, unaligned planes
+    (3, 1, 3, 5),
+    (1, 3, 224, 224),
+]
+CASES: list[tuple[str, str]] = [("diag", f) for f in FILLS] + [("none", "neighbors")]
+
+
+def shapes_for(partition: str) -> list[tuple[int, int, int, int]]:
+    return DIAG_SHAPES if partition == "diag" else NONE_SHAPES
+
+
+def sigma_for(partition: str) -> list[float]:
+    return [0.25, 0.75] if partition == "diag" else [0.5]
+
+
+def views(
+    x: torch.Tensor,
+    sigma: list[float],
+    *,
+    num: int,
+    seed: int = 20240611,
+    offset: int = 5,
+    stream: torch.Tensor | None = None,
+    partition: str = "diag",
+    fill: str = "neighbors",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The op on x's device (stream ids default to 3, 10, 17, ... on that device)."""
+    if stream is None:
+        stream = torch.arange(x.shape[0], dtype=torch.int64) * 7 + 3
+    stream = stream.to(x.device)
+    return torch.ops.drs_ext.noisy_views(
+        x, sigma, num, seed, offset, stream, partition, fill, out_dtype
+    )
+
+
+def parity_atol(x: torch.Tensor, sigma: list[float]) -> float:
+    """CPU vs CUDA in float32: both evaluate the same float32 formulas (drs/normal.h), up to
+    FMA contraction, so they agree to a few ulp of the largest value |x| + 7σ."""
+    return 1e-5 * (1.0 + float(x.abs().max()) + 6.0 * max(sigma))
+
+
+def ulp(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of t's dtype at |t|, subnormals included, as float32."""
+    info = torch.finfo(t.dtype)
+    mag = t.float().abs().clamp(min=info.smallest_normal)
+    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+
+
+def assert_within_ulp(actual: torch.Tensor, expected: torch.Tensor, atol32: float) -> None:
+    """16-bit outputs: each is its float32 value rounded once, and the float32 values differ by
+    at most atol32, so the two differ by at most atol32 + 1 ulp of the 16-bit dtype."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    actual, expected = actual.cpu(), expected.cpu()
+    err = (actual.float() - expected.float()).abs()
+    bound = torch.maximum(ulp(actual), ulp(expected)) + atol32
+    assert bool((err <= bound).all()), f"max error / bound {float((err / bound).max()):.3f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# noisy_views
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("partition", "fill"), CASES)
+def test_cuda_equals_cpu(partition: str, fill: str, out_dtype: torch.dtype) -> None:
+    for shape in shapes_for(partition):
+        x = random_images(shape, seed=sum(shape))
+        sigma = sigma_for(partition)
+        num = 2 if shape[-1] * shape[-2] > 10_000 else 3
+        kw = {"num": num, "partition": partition, "fill": fill, "out_dtype": out_dtype}
+        cpu = views(x, sigma, **kw)  # type: ignore[arg-type]
+        cuda = views(x.cuda(), sigma, **kw)  # type: ignore[arg-type]
+        assert cuda.is_cuda and cuda.device == torch.device("cuda", torch.cuda.current_device())
+        if out_dtype == torch.float32:
+            assert_close_to(cuda.cpu(), cpu, parity_atol(x, sigma))
+        else:
+            assert_within_ulp(cuda, cpu, parity_atol(x, sigma))
+            # The cast comes after the noise: the 16-bit output is the float32 output rounded.
+            cuda32 = views(x.cuda(), sigma, **(kw | {"out_dtype": torch.float32}))  # type: ignore[arg-type]
+            assert torch.equal(cuda, cuda32.to(out_dtype))
+
+
+@pytest.mark.parametrize(("partition", "fill"), CASES)
+def test_cuda_equals_reference(partition: str, fill: str) -> None:
+    x = random_images((2, 3, 6, 10), seed=1)
+    sigma = sigma_for(partition)
+    stream = torch.tensor([3, 10])
+    out = views(x.cuda(), sigma, num=3, stream=stream, partition=partition, fill=fill)
+    ref = reference.noisy_views(
+        x, sigma, num=3, seed=20240611, offset=5, stream=stream, partition=partition, fill_mode=fill
+    )
+    assert_close_to(out.cpu(), ref, reference_atol(x, sigma))
+
+
+@pytest.mark.parametrize("partition", ["diag", "none"])
+@pytest.mark.parametrize(
+    ("seed", "offset", "stream_id"),
+    [(0, 0, 0), (2**32 + 7, 2**32 - 2, 2**32 - 1), (2**63 - 1, 2**56 - 8, 123456789)],
+)
+def test_cuda_equals_cpu_for_large_counters(
+    partition: str, seed: int, offset: int, stream_id: int
+) -> None:
+    x = random_images((1, 3, 8, 12), seed=2)
+    sigma = sigma_for(partition)
+    kw = {"num": 4, "seed": seed, "offset": offset, "stream": torch.tensor([stream_id])}
+    cpu = views(x, sigma, partition=partition, **kw)  # type: ignore[arg-type]
+    cuda = views(x.cuda(), sigma, partition=partition, **kw)  # type: ignore[arg-type]
+    assert_close_to(cuda.cpu(), cpu, parity_atol(x, sigma))
+
+
+@pytest.mark.parametrize(("partition", "fill"), CASES)
+def test_chunks_and_batches_are_independent_on_cuda(partition: str, fill: str) -> None:
+    x = random_images((3, 3, 6, 10), seed=3).cuda()
+    sigma = sigma_for(partition)
+    stream = torch.tensor([9, 2**32 - 1, 4])
+    kw = {"stream": stream, "partition": partition, "fill": fill}
+    whole = views(x, sigma, num=10, offset=0, **kw)  # type: ignore[arg-type]
+    first = views(x, sigma, num=4, offset=0, **kw)  # type: ignore[arg-type]
+    rest = views(x, sigma, num=6, offset=4, **kw)  # type: ignore[arg-type]
+    assert torch.equal(whole, torch.cat([first, rest], dim=2))
+    assert torch.equal(whole, views(x, sigma, num=10, offset=0, **kw))  # type: ignore[arg-type]
+    for n in range(3):
+        alone = views(
+            x[n : n + 1],
+            sigma,
+            num=10,
+            offset=0,
+            stream=stream[n : n + 1],
+            partition=partition,
+            fill=fill,
+        )
+        assert torch.equal(whole[n : n + 1], alone)
+
+
+@pytest.mark.parametrize(("partition", "fill"), CASES)
+def test_unaligned_and_non_contiguous_input(partition: str, fill: str) -> None:
+    """x one float past a 16-byte boundary, and a permuted view: same output as a fresh copy."""
+    shape = (2, 3, 8, 8)  # C·H·W a multiple of 4: the aligned fast path unless x is offset
+    storage = random_images((2 * 3 * 8 * 8 + 1,), seed=4).cuda()
+    x = storage[1:].view(shape)
+    assert x.data_ptr() % 16 != 0
+    sigma = sigma_for(partition)
+    kw = {"num": 3, "partition": partition, "fill": fill}
+    assert torch.equal(views(x, sigma, **kw), views(x.clone(), sigma, **kw))  # type: ignore[arg-type]
+    permuted = random_images((2, 8, 8, 3), seed=5).cuda().permute(0, 3, 1, 2)
+    assert not permuted.is_contiguous()
+    assert torch.equal(
+        views(permuted, sigma, **kw),
+        views(permuted.contiguous(), sigma, **kw),  # type: ignore[arg-type]
+    )
+
+
+def test_empty_batch_on_cuda() -> None:
+    x = torch.zeros(0, 3, 4, 6, device="cuda")
+    out = views(x, [0.5], num=3)
+    assert out.shape == (0, 2, 3, 3, 4, 6) and out.is_cuda
+
+
+def test_stream_on_another_device_is_an_error() -> None:
+    x = random_images((1, 3, 4, 6), seed=6).cuda()
+    with pytest.raises(RuntimeError, match="stream must be on x's device"):
+        torch.ops.drs_ext.noisy_views(
+            x, [0.5], 2, 0, 0, torch.tensor([0]), "diag", "neighbors", None
+        )
+
+
+@pytest.mark.parametrize(
+    ("partition", "fill", "out_dtype"),
+    [("diag", "neighbors", None), ("diag", "bilinear", torch.bfloat16), ("none", "zeros", None)],
+)
+def test_opcheck_noisy_views_cuda(partition: str, fill: str, out_dtype: torch.dtype | None) -> None:
+    x = random_images((2, 3, 4, 6), seed=7).cuda()
+    stream = torch.tensor([3, 8], device="cuda")
+    args = (x, [0.5], 3, 7, 0, stream, partition, fill, out_dtype)
+    torch.library.opcheck(torch.ops.drs_ext.noisy_views.default, args)
+    x_grad = x.clone().requires_grad_(True)
+    args = (x_grad, [0.5], 3, 7, 0, stream, partition, fill, None)
+    torch.library.opcheck(torch.ops.drs_ext.noisy_views.default, args)
+
+
+@pytest.mark.parametrize(("partition", "fill"), CASES)
+def test_gradient_on_cuda_equals_cpu(partition: str, fill: str) -> None:
+    """noisy_views is affine in x; its gradient (drs_ext.ops autograd) is the same on CUDA."""
+    x = random_images((2, 3, 6, 8), seed=9)
+    weight = torch.randn(2, 2 if partition == "diag" else 1, 3, 3, 6, 8)
+    grads = []
+    for device in ("cpu", "cuda"):
+        xd = x.to(device).requires_grad_(True)
+        out = drs_ext.noisy_views(xd, 0.5, num=3, seed=1, partition=partition, fill=fill)
+        (out * weight.to(device)).sum().backward()
+        assert xd.grad is not None
+        grads.append(xd.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# vote_counts
+
+
+def bincount_votes(logits: torch.Tensor) -> torch.Tensor:
+    """(G, S, K) -> (G, K): torch.argmax (first maximum) + torch.bincount, NaN rows dropped."""
+    logits = logits.cpu().double()
+    groups, _, classes = logits.shape
+    rows = []
+    for g in range(groups):
+        valid = ~torch.isnan(logits[g]).any(dim=-1)
+        winners = logits[g][valid].argmax(dim=-1)
+        rows.append(torch.bincount(winners, minlength=classes))
+    return torch.stack(rows) if rows else torch.zeros(0, classes, dtype=torch.int64)
+
+
+def tied_logits(groups: int, rows: int, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Few distinct values (many ties), some rows with a NaN, some with ±inf."""
+    gen = torch.Generator().manual_seed(groups * 1000 + rows + classes)
+    logits = torch.randint(-2, 3, (groups, rows, classes), generator=gen).to(dtype)
+    pick = torch.rand(groups, rows, generator=gen)
+    cols = torch.randint(0, classes, (groups, rows), generator=gen)
+    g, s = torch.nonzero(pick < 0.05, as_tuple=True)
+    logits[g, s, cols[g, s]] = float("nan")
+    g, s = torch.nonzero((pick >= 0.05) & (pick < 0.08), as_tuple=True)
+    logits[g, s, cols[g, s]] = float("inf")
+    g, s = torch.nonzero((pick >= 0.08) & (pick < 0.1), as_tuple=True)
+    logits[g, s] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *DTYPES[1:]], ids=str)
+@pytest.mark.parametrize("classes", [1, 2, 10, 64, 65, 100, 1000])
+def test_vote_counts_equal_bincount(dtype: torch.dtype, classes: int) -> None:
+    logits = tied_logits(3, 517, classes, dtype)
+    expected = bincount_votes(logits)
+    cuda = drs_ext.vote_counts(logits.cuda())
+    assert cuda.is_cuda and cuda.dtype == torch.int64
+    assert torch.equal(cuda.cpu(), expected)
+    assert torch.equal(cuda.cpu(), drs_ext.vote_counts(logits))  # the CPU kernel
+
+
+def test_vote_counts_nan_rows_and_ties() -> None:
+    nan = float("nan")
+    logits = torch.tensor(
+        [[[1.0, 3.0, 3.0], [nan, 5.0, 1.0], [2.0, 2.0, 2.0], [0.0, -1.0, nan], [-0.0, 0.0, -1.0]]]
+    )
+    expected = torch.tensor([[2, 1, 0]])  # rows 0, 2, 4 vote 1, 0, 0; rows 1, 3 vote for none
+    assert torch.equal(drs_ext.vote_counts(logits.cuda()).cpu(), expected)
+    wide = torch.zeros(1, 2, 300)
+    wide[0, 0, 200] = wide[0, 0, 250] = 1.0  # tie across the warp's lane slices
+    wide[0, 1, 299] = nan
+    expected = torch.zeros(1, 300, dtype=torch.int64)
+    expected[0, 200] = 1
+    assert torch.equal(drs_ext.vote_counts(wide.cuda()).cpu(), expected)
+
+
+@pytest.mark.parametrize(("groups", "rows", "classes"), [(70_000, 2, 3), (1, 300_000, 10)])
+def test_vote_counts_large_grids(groups: int, rows: int, classes: int) -> None:
+    logits = torch.randn(groups, rows, classes)
+    assert torch.equal(drs_ext.vote_counts(logits.cuda()).cpu(), drs_ext.vote_counts(logits))
+
+
+def test_vote_counts_empty_and_non_contiguous() -> None:
+    for shape in [(0, 5, 3), (2, 0, 3)]:
+        counts = drs_ext.vote_counts(torch.zeros(shape, device="cuda"))
+        assert torch.equal(counts.cpu(), torch.zeros(shape[0], shape[2], dtype=torch.int64))
+    logits = torch.randn(4, 10, 70).transpose(0, 1)  # (10, 4, 70), non-contiguous
+    assert torch.equal(drs_ext.vote_counts(logits.cuda()).cpu(), bincount_votes(logits))
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_opcheck_vote_counts_cuda(classes: int) -> None:
+    logits = torch.randn(2, 33, classes, device="cuda")
+    torch.library.opcheck(torch.ops.drs_ext.vote_counts.default, (logits,))
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graphs and certification
+
+
+def test_cuda_graph_replay_equals_eager() -> None:
+    """noisy_views + a "model" + vote_counts captured in a CUDA graph: no host synchronisation
+    or allocation outside the graph's pool, and a replay gives the eager result."""
+    x = random_images((2, 3, 8, 10), seed=8).cuda()
+    stream = torch.tensor([4, 9], device="cuda")
+    classes, num = 7, 64
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        out = drs_ext.noisy_views(x, 0.5, num=num, seed=11, offset=3, stream=stream)
+        logits = out.flatten(3)[..., :classes]  # (N, P, num, K): a view, not contiguous
+        return out, drs_ext.vote_counts(logits.reshape(-1, num, classes))
+
+    eager_views, eager_counts = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_views, graph_counts = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graph_views, eager_views)
+    assert torch.equal(graph_counts, eager_counts)
+    assert int(graph_counts.sum()) == 2 * 2 * num
+
+
+class MeanMargin(nn.Module):
+    """Three classes by the sign of mean(x) - 1/2, computed in float64: the vote of a view
+    flips between devices only if its mean lies within ~1e-9 of 1/2."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        t = (v.double().mean(dim=(1, 2, 3)) - 0.5) * 100.0
+        return torch.stack([t, torch.zeros_like(t), -t], dim=1).float()
+
+
+def test_certify_on_cuda_equals_cpu() -> None:
+    from drs_ext.smoothing import DualSmoothedClassifier, SmoothedClassifier
+
+    # Mean 0.51: class 0 wins with probability about 0.85 (RS) / 0.8 (each DRS branch), so the
+    # counts, not just the prediction, are compared through the radius.
+    x = torch.full((3, 16, 16), 0.51)
+    model = MeanMargin()
+    certificates = []
+    for device in ("cpu", "cuda"):
+        rs = SmoothedClassifier(model, 3, 0.25)
+        drs = DualSmoothedClassifier(model, model, 3, 0.25, fill="neighbors")
+        kw = {"n0": 64, "n": 2000, "alpha": 0.001, "batch_size": 300, "seed": 5}
+        certificates.append(
+            (rs.certify(x.to(device), **kw), drs.certify(x.to(device), **kw))  # type: ignore[arg-type]
+        )
+    (rs_cpu, drs_cpu), (rs_cuda, drs_cuda) = certificates
+    for cpu, cuda in [(rs_cpu, rs_cuda), (drs_cpu, drs_cuda)]:
+        assert cpu[0] == cuda[0] == 0
+        assert cpu[1] > 0.0
+        assert cuda[1] == pytest.approx(cpu[1], abs=1e-6)

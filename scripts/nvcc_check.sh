@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Compile-checks every csrc/cuda/*.cu with nvcc, to object files in a temporary directory, for
+# sm_80 and sm_90. Needs nvcc and the installed torch's headers only: no GPU and no CUDA build of
+# torch (DESIGN.md §3). -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for c10/cuda's generated
+# cuda_cmake_macros.h, which the CPU wheel does not ship; nothing else is stubbed. The flags
+# follow torch's CUDAExtension build (COMMON_NVCC_FLAGS) and setup.py.
+#
+# Usage: scripts/nvcc_check.sh     (env: NVCC, PYTHON, NVCC_CHECK_JOBS)
+# Prints each command and its result; exits non-zero if any file fails to compile.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+if [[ -z "${NVCC:-}" ]]; then
+  if command -v nvcc >/dev/null 2>&1; then
+    NVCC="$(command -v nvcc)"
+  elif [[ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]]; then
+    NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+  else
+    echo "nvcc_check: nvcc not found (put it on PATH or set NVCC / CUDA_HOME)" >&2
+    exit 2
+  fi
+fi
+
+shopt -s nullglob
+SOURCES=("$ROOT"/csrc/cuda/*.cu)
+if ((${#SOURCES[@]} == 0)); then
+  echo "nvcc_check: no .cu files under csrc/cuda" >&2
+  exit 2
+fi
+
+read -r -a TORCH_FLAGS <<<"$("$PYTHON" -c '
+import sysconfig
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+flags = ["-I" + p for p in include_paths()] + ["-I" + sysconfig.get_paths()["include"]]
+print(" ".join(flags + [f for f in COMMON_NVCC_FLAGS if f != "--expt-relaxed-constexpr"]))
+')"
+
+FLAGS=(
+  -c -O3 -std=c++20
+  -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DDRS_WITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H
+  --expt-relaxed-constexpr -Xcompiler -fPIC
+  -gencode arch=compute_80,code=sm_80
+  -gencode arch=compute_90,code=sm_90
+  -I"$ROOT/csrc" -I"$ROOT/csrc/include"
+  "${TORCH_FLAGS[@]}"
+)
+
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+JOBS="${NVCC_CHECK_JOBS:-$(nproc)}"
+
+echo "nvcc_check: $("$NVCC" --version | tail -n 1)"
+echo "nvcc_check: flags: ${FLAGS[*]}"
+
+# Compile in parallel (JOBS at a time), then report in order.
+pids=()
+for i in "${!SOURCES[@]}"; do
+  src="${SOURCES[$i]}"
+  obj="$TMP/$(basename "${src%.cu}").o"
+  (
+    rc=0
+    "$NVCC" "${FLAGS[@]}" "$src" -o "$obj" >"$TMP/$i.log" 2>&1 || rc=$?
+    echo "$rc" >"$TMP/$i.rc"
+  ) &
+  pids+=($!)
+  if ((${#pids[@]} >= JOBS)); then
+    wait "${pids[0]}"
+    pids=("${pids[@]:1}")
+  fi
+done
+wait
+
+failed=0
+for i in "${!SOURCES[@]}"; do
+  src="${SOURCES[$i]#"$ROOT"/}"
+  rc="$(cat "$TMP/$i.rc")"
+  if [[ "$rc" == 0 ]]; then
+    echo "nvcc_check: OK    $src (sm_80, sm_90)"
+  else
+    echo "nvcc_check: FAIL  $src (exit $rc)"
+    failed=1
+  fi
+  if [[ -s "$TMP/$i.log" ]]; then
+    sed 's/^/    /' "$TMP/$i.log"
+  fi
+done
+exit "$failed"
