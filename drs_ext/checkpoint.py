@@ -94,7 +94,10 @@ class BranchSpec:
                 f"branch must be in [0, {num_branches(self.partition)}) for partition "
                 f"{self.partition!r}, got {self.branch!r}"
             )
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma)) or self.sigma <= 0:
+        if (
+            not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma))
+            or self.sigma <= 0
+        ):
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
         if len(self.input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape!r}")
