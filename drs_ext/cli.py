@@ -1,4 +1,4 @@
-"""The ``drs`` command: train, certify, merge, analyze, demo.
+r"""The ``drs`` command: train, certify, merge, analyze, demo.
 
     drs train    --data digits --arch digits_cnn --recipe gaussian --sigma 0.25 --out runs/rs
     drs train    --data digits --pretrained runs/rs/model.pt --partition diag --both-branches \
