@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -31,7 +32,15 @@ def extension():
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     macros = [("DRS_VERSION", f'"{VERSION}"'), ("DRS_CUDA_ARCHS", f'"{archs}"')]
-    compile_args = {"cxx": ["-O3", "-fno-math-errno"]}
+    # -fno-trapping-math (clang's default) changes no result; it lets GCC if-convert and
+    # vectorise the selects, floor and sqrt of the Box-Muller loop (csrc/include/drs/normal.h).
+    compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math"]}
+    # at::parallel_for is an inline OpenMP loop: without -fopenmp it compiles to a serial loop in
+    # this extension. Linking -fopenmp reuses the libgomp.so.1 torch has already loaded.
+    link_args = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        compile_args["cxx"].append("-fopenmp")
+        link_args.append("-fopenmp")
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         macros.append(("DRS_WITH_CUDA", None))
@@ -46,6 +55,7 @@ def extension():
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
         define_macros=macros,
         extra_compile_args=compile_args,
+        extra_link_args=link_args,
     )
 
 

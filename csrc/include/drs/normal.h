@@ -85,9 +85,13 @@ DRS_HOST_DEVICE void sincos_2pi(float u, float* s, float* c) {
   *c = ((quadrant + 1) & 2) ? -cos_r : cos_r;
 }
 
+// r^2 = -2 ln u_a is clamped at 0 by a select rather than std::fmax (same value: r^2 is never
+// NaN), because GCC vectorises fmax only under -ffinite-math-only and the CPU kernel's loop over
+// normal4 must vectorise.
 DRS_HOST_DEVICE void box_muller(uint32_t va, uint32_t vb, float* za, float* zb) {
   const float ln_u = log_positive(uniform_open_closed(va));
-  const float r = std::sqrt(std::fmax(-2.0f * ln_u, 0.0f));
+  const float r2 = -2.0f * ln_u;
+  const float r = std::sqrt(r2 > 0.0f ? r2 : 0.0f);
   float s, c;
   sincos_2pi(uniform_open_closed(vb), &s, &c);
   *za = r * c;
