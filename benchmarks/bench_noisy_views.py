@@ -23,14 +23,13 @@ import datetime
 import functools
 import os
 import platform
-import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from common import RESULTS, PlainViews, table, write_section
 from torch import nn
 
 import drs_ext
@@ -38,53 +37,6 @@ import drs_ext
 SIGMA = 0.5
 SEED = 1234
 NUM_CLASSES = 10
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-
-
-# ---------------------------------------------------------------------------------------------
-# The plain-PyTorch pipeline (torch RNG, indexing, shifts), written as a user would.
-
-
-class PlainViews:
-    """Noisy views of one image (C, H, W) the way a user writes them without drs_ext."""
-
-    def __init__(self, x: torch.Tensor, partition: str) -> None:
-        self.x = x
-        self.partition = partition
-        channels, height, width = x.shape
-        rows = torch.arange(height)[:, None]
-        cols = torch.arange(width)[None, :]
-        # Branch p keeps the pixels with (i + j) % 2 == p (the two diagonals of each 2x2 block).
-        self.masks = [(rows + cols) % 2 == p for p in range(2)]
-        self.kept = [m.flatten().nonzero().squeeze(1) for m in self.masks]
-        self.subs = [x.flatten(1)[:, k] for k in self.kept]  # (C, H*W/2) per branch
-        self.counts = [_neighbour_sum(m.float()[None, None])[0, 0] for m in self.masks]
-
-    def branch(self, p: int, num: int, sigma: float) -> torch.Tensor:
-        """(num, C, H, W) views of branch p (for "none": the whole image)."""
-        x = self.x
-        if self.partition == "none":
-            batch = x.repeat(num, 1, 1, 1)
-            return batch + torch.randn_like(batch) * sigma
-        channels, height, width = x.shape
-        sub = self.subs[p].repeat(num, 1, 1)  # noise lives in sub-image space
-        noisy = sub + torch.randn_like(sub) * sigma
-        placed = sub.new_zeros(num, channels, height * width)
-        placed[:, :, self.kept[p]] = noisy
-        placed = placed.view(num, channels, height, width)
-        average = _neighbour_sum(placed) / self.counts[p]  # fill "neighbors"
-        return torch.where(self.masks[p], placed, average)
-
-    def views(self, num: int, sigma: float) -> torch.Tensor:
-        """(P, num, C, H, W), the layout of drs_ext.noisy_views(...)[0]."""
-        branches = 1 if self.partition == "none" else 2
-        return torch.stack([self.branch(p, num, sigma) for p in range(branches)])
-
-
-def _neighbour_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of the four 4-connected neighbours of every pixel, zero outside the image."""
-    p = F.pad(t, (1, 1, 1, 1))
-    return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
 
 
 def ours_views(x: torch.Tensor, num: int, partition: str, offset: int = 0) -> torch.Tensor:
@@ -287,12 +239,6 @@ def noise_check() -> list[list[str]]:
 # Report.
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -302,24 +248,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def write_section(title: str, body: str) -> None:
-    """Replace (or add) section `## title` of RESULTS.md; the other sections stay as they are."""
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
-            text = f.read()
-    else:
-        text = (
-            "# drs_ext benchmark results\n\n"
-            "Figures of `benchmarks/bench_noisy_views.py`, each section from one run of it.\n\n"
-            "## CPU\n\n## GPU\n\n(To be filled from a run on a GPU machine.)\n"
-        )
-    section = f"## {title}\n\n{body.strip()}\n\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + section
-    with open(RESULTS, "w") as f:
-        f.write(text.rstrip() + "\n")
 
 
 def main() -> None:
