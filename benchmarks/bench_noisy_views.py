@@ -207,7 +207,7 @@ def noise_check() -> list[list[str]]:
     for partition in ("diag", "none"):
         plain = PlainViews(x, partition)
         for name, views in (
-            ("plain (torch.randn_like)", plain.views(num, SIGMA)),
+            ("plain (torch.randn_like)", torch.stack(plain.views(num, SIGMA))),
             ("drs_ext.noisy_views", ours_views(x, num, partition)),
         ):
             if partition == "none":

@@ -104,6 +104,16 @@ class BranchSpec:
         if self.partition == "diag" and self.input_shape[2] % 2:
             raise ValueError(f"partition 'diag' needs an even width, got {self.input_shape!r}")
 
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model of this spec's architecture."""
+        return build_model(
+            self.arch,
+            num_classes=self.num_classes,
+            in_channels=self.input_shape[0],
+            arch_kwargs=self.arch_kwargs,
+            normalization=self.normalization,
+        )
+
     def describe(self) -> str:
         where = "RS" if self.partition == "none" else f"DRS branch {self.branch} (fill {self.fill})"
         return f"{self.arch} {where}, sigma {self.sigma:g}"
@@ -167,13 +177,7 @@ def load_branch(
     """Rebuild the model stored at ``path`` (in eval mode) and return it with its spec."""
     payload = load_checkpoint(path, map_location)
     spec = spec_from_checkpoint(payload, path)
-    model = build_model(
-        spec.arch,
-        num_classes=spec.num_classes,
-        in_channels=spec.input_shape[0],
-        arch_kwargs=spec.arch_kwargs,
-        normalization=spec.normalization,
-    )
+    model = spec.build_model()
     try:
         unwrap_normalize(model).load_state_dict(payload["state_dict"])
     except RuntimeError as err:

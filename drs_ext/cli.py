@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 from . import _C
 from .checkpoint import BranchSpec, check_drs_pair, check_sigma, load_branch
 from .data import ImageDataset, load_dataset
-from .models import build_model
 from .ops import FILLS
 from .results import (
     TsvWriter,
@@ -305,13 +304,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             normalization=_channel_stats(data) if args.normalize else None,
         )
         torch.manual_seed(args.seed)
-        model = build_model(
-            base.arch,
-            num_classes=base.num_classes,
-            in_channels=base.input_shape[0],
-            arch_kwargs=base.arch_kwargs,
-            normalization=base.normalization,
-        )
+        model = base.build_model()
     if tuple(data.input_shape) != tuple(base.input_shape):
         raise ValueError(f"data images {data.input_shape} differ from model's {base.input_shape}")
     if args.partition == "diag" and args.both_branches:
@@ -398,9 +391,7 @@ def _demo_train(
 
     print(f"[1/4] pre-training a {base.arch} on {len(train)} digits with noise σ = {args.sigma:g}")
     torch.manual_seed(args.seed)
-    model = build_model(
-        base.arch, num_classes=base.num_classes, in_channels=1, arch_kwargs=base.arch_kwargs
-    )
+    model = base.build_model()
     pretrain = config(args.epochs, DEMO_PRETRAIN)
     Trainer(model, base, recipe, train, pretrain, out / "base/model.pt", eval_data=test).fit(
         resume=True

@@ -47,7 +47,12 @@ NOISY_VIEWS_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] 
     ("x +Inf", call(with_value((0, 0, 0, 0), float("inf"))), RuntimeError, r"x must be finite"),
     ("x -Inf", call(with_value((1, 0, 3, 5), -float("inf"))), RuntimeError, r"x must be finite"),
     ("sigma 0", call(sigma=0.0), RuntimeError, r"sigma must be finite and > 0 in float32, got 0"),
-    ("sigma < 0", call(sigma=-0.5), RuntimeError, r"sigma must be finite and > 0 in float32, got -0.5"),
+    (
+        "sigma < 0",
+        call(sigma=-0.5),
+        RuntimeError,
+        r"sigma must be finite and > 0 in float32, got -0.5",
+    ),
     ("sigma pair < 0", call(sigma=[0.5, -1.0]), RuntimeError, r"sigma .*> 0.*branch 1"),
     ("sigma NaN", call(sigma=float("nan")), RuntimeError, r"sigma must be finite.*nan"),
     ("sigma +Inf", call(sigma=float("inf")), RuntimeError, r"sigma must be finite.*inf"),
