@@ -145,8 +145,9 @@ class _Smoothing:
         with torch.inference_mode(), contextlib.ExitStack() as modes:
             for branch in self.branches:
                 modes.enter_context(_eval_mode(branch))
-            for start in range(0, max(draws), batch_size):
-                size = min(batch_size, max(draws) - start)
+            total = max(draws)
+            for start in range(0, total, batch_size):
+                size = min(batch_size, total - start)
                 views = noisy_views(
                     x[None],
                     self.sigmas,

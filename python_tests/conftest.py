@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
+import drs_ext
+
 PARTITIONS: tuple[str, ...] = ("diag", "none")
 FILLS: tuple[str, ...] = ("neighbors", "pair", "bilinear", "zeros")
 MAX_SEED = 2**63 - 1
@@ -74,3 +76,28 @@ def packed(full: torch.Tensor, branch: int) -> torch.Tensor:
     """
     rows = [full[..., i, (i + branch) % 2 :: 2] for i in range(full.shape[-2])]
     return torch.stack(rows, dim=-2)
+
+
+def noise_planes(
+    *,
+    seed: int = 1,
+    stream: int = 0,
+    offset: int = 0,
+    partition: str = "none",
+    num: int = 2,
+    shape: tuple[int, int, int] = (3, 4, 6),
+) -> list[torch.Tensor]:
+    """x = 0, σ = 1: per branch, the standard normals (num, m) in sub-image element order."""
+    out = drs_ext.noisy_views(
+        torch.zeros(1, *shape),
+        1.0,
+        num=num,
+        seed=seed,
+        offset=offset,
+        stream=torch.tensor([stream]),
+        partition=partition,
+        fill="zeros",
+    )
+    if partition == "none":
+        return [out[0, 0].reshape(num, -1)]
+    return [packed(out[0, p], p).reshape(num, -1) for p in range(2)]

@@ -20,7 +20,7 @@ from conftest import (
     assert_close_to,
     branches,
     kept_mask,
-    packed,
+    noise_planes,
     random_images,
     reference_atol,
 )
@@ -256,31 +256,6 @@ def test_deterministic() -> None:
         a = drs_ext.noisy_views(x, 0.5, num=64, seed=99, partition=partition)
         b = drs_ext.noisy_views(x, 0.5, num=64, seed=99, partition=partition)
         assert torch.equal(a, b)
-
-
-def noise_planes(
-    *,
-    seed: int = 1,
-    stream: int = 0,
-    offset: int = 0,
-    partition: str = "none",
-    num: int = 2,
-    shape: tuple[int, int, int] = (3, 4, 6),
-) -> list[torch.Tensor]:
-    """x = 0, σ = 1: per branch, the standard normals (num, m) in sub-image element order."""
-    out = drs_ext.noisy_views(
-        torch.zeros(1, *shape),
-        1.0,
-        num=num,
-        seed=seed,
-        offset=offset,
-        stream=torch.tensor([stream]),
-        partition=partition,
-        fill="zeros",
-    )
-    if partition == "none":
-        return [out[0, 0].reshape(num, -1)]
-    return [packed(out[0, p], p).reshape(num, -1) for p in range(2)]
 
 
 def differ_almost_everywhere(a: torch.Tensor, b: torch.Tensor) -> bool:

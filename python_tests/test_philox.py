@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import MAX_SEED, SAMPLE_SPACE, packed
+from conftest import MAX_SEED, SAMPLE_SPACE, noise_planes, packed
 
 import drs_ext
 from drs_ext import reference
@@ -94,20 +94,10 @@ def kernel_normals(
     seed: int, stream: int, sample: int, partition: str, shape: tuple[int, int, int]
 ) -> list[np.ndarray]:
     """Per branch, the kernel's standard normals of one sample in sub-image element order."""
-    x = torch.zeros(1, *shape)
-    out = drs_ext.noisy_views(
-        x,
-        1.0,
-        num=1,
-        seed=seed,
-        offset=sample,
-        stream=torch.tensor([stream]),
-        partition=partition,
-        fill="zeros",
+    planes = noise_planes(
+        seed=seed, stream=stream, offset=sample, partition=partition, num=1, shape=shape
     )
-    if partition == "none":
-        return [out[0, 0, 0].reshape(-1).double().numpy()]
-    return [packed(out[0, p, 0], p).reshape(-1).double().numpy() for p in range(2)]
+    return [plane[0].double().numpy() for plane in planes]
 
 
 @pytest.mark.parametrize(("ctr", "key", "expected"), RANDOM123_KAT)
