@@ -62,6 +62,30 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, atol: float) -
     assert err <= atol, f"max abs error {err:.3e} > tolerance {atol:.3e}"
 
 
+def parity_atol(x: torch.Tensor, sigma: Sequence[float]) -> float:
+    """Float32 outputs of two kernels that evaluate the same float32 formulas (drs/normal.h), up
+    to FMA contraction (CPU vs CUDA, CPU vs the CUDA tiling run on the host): they agree to a few
+    ulp of the largest value |x| + 7σ."""
+    return 1e-5 * (1.0 + float(x.abs().max()) + 6.0 * max(sigma))
+
+
+def ulp(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of t's dtype at |t|, subnormals included, as float32."""
+    info = torch.finfo(t.dtype)
+    mag = t.float().abs().clamp(min=info.smallest_normal)
+    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+
+
+def assert_within_ulp(actual: torch.Tensor, expected: torch.Tensor, atol32: float) -> None:
+    """16-bit outputs: each is its float32 value rounded once, and the float32 values differ by
+    at most atol32, so the two differ by at most atol32 + 1 ulp of the 16-bit dtype."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    actual, expected = actual.cpu(), expected.cpu()
+    err = (actual.float() - expected.float()).abs()
+    bound = torch.maximum(ulp(actual), ulp(expected)) + atol32
+    assert bool((err <= bound).all()), f"max error / bound {float((err / bound).max()):.3f}"
+
+
 def kept_mask(height: int, width: int, branch: int) -> torch.Tensor:
     """(H, W) bool mask of the pixels (i, j) with (i + j) mod 2 == branch (DESIGN.md §2.1)."""
     rows = torch.arange(height)[:, None]

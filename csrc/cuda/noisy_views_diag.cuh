@@ -1,13 +1,18 @@
 // Tiling of the partition="diag" noisy_views kernel (noisy_views_kernel.cu). A block owns one tile
 // of one (n, p, s) plane: packed rows [r0, r1) of the plane's C·H rows (a tile may span channels)
-// by packed columns [k0, k1) (whole rows unless W/2 > kMaxTileCols).
+// by packed columns [k0, k1) (whole rows unless W/2 > kMaxTileCols). run_tile is a block's whole
+// work on one tile, in two phases separated by barriers:
 //   Phase 1 (draw_item): draw the Philox element groups of the tile and of the halo its fill
 //   reads, add the kept pixels of x, and keep that noisy sub-image window in shared memory.
 //   Phase 2 (store_item): write the tile's full-resolution pixels with drs::fill_pixel on the
 //   window, one aligned vector per item where the output allows.
 // An item is one thread's unit of work; items of a phase write disjoint locations, so the kernel
-// runs them in any order between two barriers. The functions are DRS_HOST_DEVICE with no CUDA-only
-// dependency, so the tiling can also be run on the host, item by item, against the CPU kernel.
+// runs them in any order between two barriers. The per-block functions are DRS_HOST_DEVICE with
+// no CUDA-only dependency: the kernel runs run_tile with a functor that strides the items of a
+// phase over the block's threads and ends with __syncthreads(). CI has no GPU, so
+// python_tests/test_cuda_tiling_host.py runs the same run_tile on the host (harness
+// python_tests/host/diag_tiling_host.cpp), the items of each phase in a shuffled order, and
+// compares the result with the CPU kernel.
 #pragma once
 
 // IntegerDivider.cuh uses C10_HOST_DEVICE without including its definition: Macros.h first.
@@ -29,6 +34,13 @@ template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Vec {
   T v[kVec];
 };
+
+// Hook called with the address of every vector store of store_item. The host run of the tiling
+// (python_tests/host/diag_tiling_host.cpp) defines it before including this header, to check that
+// each store is 16-byte aligned; in the kernel it is empty.
+#ifndef DRS_DIAG_VEC_STORE_HOOK
+#define DRS_DIAG_VEC_STORE_HOOK(ptr)
+#endif
 
 namespace diag {
 
@@ -166,9 +178,16 @@ DRS_HOST_DEVICE void draw_item(const Geometry& geo, const Tile& t, int32_t item,
   }
 }
 
+// Offset, in outputs, of plane `plane` (of plane_size outputs) from the previous kVec-aligned
+// output: 0 when the plane starts a vector slot of an output whose first element is aligned.
+template <int kVec>
+DRS_HOST_DEVICE int32_t plane_phase(int64_t plane, int32_t plane_size) {
+  return static_cast<int32_t>((plane * plane_size) % kVec);
+}
+
 // Phase 2, one item: a vector slot of kVec outputs of one output segment (rows [r0, r1) x columns
 // [2 k0, 2 k1)). Slots are aligned to the whole output: output o of the plane starts a slot when
-// (phase + o) % kVec == 0, phase = (plane index · C·H·W) % kVec. A slot cut by the tile edge is
+// (phase + o) % kVec == 0, phase = plane_phase(plane index, C·H·W). A slot cut by the tile edge is
 // written element by element.
 template <drs::Fill kFill, typename out_t, int kVec>
 DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item, int32_t phase,
@@ -204,12 +223,29 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
     }
   }
   if (base >= o0 && base + kVec <= end) {
+    DRS_DIAG_VEC_STORE_HOOK(dst + base);
     *reinterpret_cast<Vec<out_t, kVec>*>(dst + base) = v;
   } else {
     for (int l = 0; l < kVec; ++l) {
       if (base + l >= first && base + l < end) dst[base + l] = v.v[l];
     }
   }
+}
+
+// A block's work on tile `tile` of one plane: x of the plane's image at `image`, the plane's
+// output at `dst` with phase = plane_phase(plane index, C·H·W), `window` of window_bytes(geo).
+// run_items(count, fn) must call fn(item) once for every item in [0, count), in any order, and
+// then be a barrier: fn's writes are visible to the items of the next call, and the window is
+// free again when run_tile returns.
+template <drs::Fill kFill, typename out_t, int kVec, class RunItems>
+DRS_HOST_DEVICE void run_tile(const Geometry& geo, int32_t tile, const Draw& d, const float* image,
+                              int32_t phase, int branch, float* window, out_t* dst,
+                              RunItems&& run_items) {
+  const Tile t = make_tile<kFill>(geo, tile);
+  run_items(draw_items(geo, t), [&](int32_t item) { draw_item(geo, t, item, d, image, window); });
+  run_items(store_items(geo, t), [&](int32_t item) {
+    store_item<kFill, out_t, kVec>(geo, t, item, phase, branch, window, dst);
+  });
 }
 
 }  // namespace diag

@@ -7,7 +7,8 @@
 // partition "diag": a block owns one tile of one (n, p, s) plane (noisy_views_diag.cuh). It draws
 // the noisy sub-image of the tile and the one-pixel halo its fill reads into shared memory, so
 // each normal is drawn once (up to halos), then writes the tile's full-resolution pixels with
-// drs::fill_pixel, 16 bytes per store where aligned.
+// drs::fill_pixel, 16 bytes per store where aligned (diag::run_tile, which
+// python_tests/test_cuda_tiling_host.py also runs on the host against the CPU kernel).
 // Index math inside a plane is 32-bit (checked below), plane offsets are 64-bit.
 //
 // x must be finite; checking that here would cost a host synchronisation, so the Python layer
@@ -109,6 +110,15 @@ __global__ void __launch_bounds__(kThreads)
 // partition "diag": tiles of the packed (C·H, W/2) plane staged in shared memory
 // (noisy_views_diag.cuh).
 
+// run_items of diag::run_tile: the block's threads stride over the items, then a barrier.
+struct BlockItems {
+  template <class Fn>
+  __device__ __forceinline__ void operator()(int32_t count, Fn&& fn) const {
+    for (int32_t item = threadIdx.x; item < count; item += blockDim.x) fn(item);
+    __syncthreads();
+  }
+};
+
 template <drs::Fill kFill, typename out_t>
 __global__ void __launch_bounds__(kThreads)
     noisy_views_diag_kernel(Common c, diag::Geometry geo, out_t* __restrict__ out) {
@@ -120,17 +130,10 @@ __global__ void __launch_bounds__(kThreads)
                        q.branch == 0 ? c.sigma[0] : c.sigma[1]};
     const float* image = c.x + q.image * c.plane_size;
     out_t* dst = out + plane * c.plane_size;
-    const int32_t phase = static_cast<int32_t>((plane * c.plane_size) % kVec);
+    const int32_t phase = diag::plane_phase<kVec>(plane, c.plane_size);
     for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
-      const diag::Tile t = diag::make_tile<kFill>(geo, tile);
-      for (int32_t item = threadIdx.x; item < diag::draw_items(geo, t); item += blockDim.x) {
-        diag::draw_item(geo, t, item, d, image, window);
-      }
-      __syncthreads();
-      for (int32_t item = threadIdx.x; item < diag::store_items(geo, t); item += blockDim.x) {
-        diag::store_item<kFill, out_t, kVec>(geo, t, item, phase, q.branch, window, dst);
-      }
-      __syncthreads();
+      diag::run_tile<kFill, out_t, kVec>(geo, tile, d, image, phase, q.branch, window, dst,
+                                         BlockItems{});
     }
   }
 }

@@ -1,0 +1,242 @@
+// The tiling of the CUDA kernel noisy_views, partition "diag" (csrc/cuda/noisy_views_kernel.cu),
+// run on the host, for python_tests/test_cuda_tiling_host.py: CI has no GPU, so this runs the
+// kernel's per-block code, diag::run_tile of csrc/cuda/noisy_views_diag.cuh, plane by plane and
+// tile by tile, with the items of each phase in a shuffled order (the threads of a block run them
+// in any order between two barriers). Built by torch.utils.cpp_extension.load; registers
+// torch.ops.drs_host_tiling.run.
+//
+// Besides the output it checks what a comparison of values cannot see:
+// - the output sits between two guard regions and starts filled with a NaN sentinel: a write
+//   outside the output fails here, an output the tiling never writes stays NaN;
+// - the shared-memory window is window_bytes(geo) between two guard regions, and is NaN-filled
+//   before every tile: a write outside it fails here, a phase-2 read of an element phase 1 did not
+//   write (or wrote for another tile) gives a NaN output;
+// - every vector store of store_item is 16-byte aligned (DRS_DIAG_VEC_STORE_HOOK), as the device
+//   needs, given an output that starts 16-byte aligned (as the CUDA allocator's do);
+// - the window fits the 48 KiB of dynamic shared memory a launch gets without opting in.
+#include <ATen/Dispatch_v2.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <tuple>
+#include <vector>
+
+namespace drs_host_tiling {
+
+// Vector stores of store_item seen through the hook. A misaligned one is an error here, before
+// the store: the host compiler emits an aligned store for the 16-byte-aligned Vec too, which
+// would crash the test process instead of failing the test.
+inline int64_t vec_stores = 0;
+
+inline void record_vec_store(const void* ptr) {
+  ++vec_stores;
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0,
+              "diag tiling: a vector store to an address that is not 16-byte aligned (", ptr, ")");
+}
+
+}  // namespace drs_host_tiling
+
+#define DRS_DIAG_VEC_STORE_HOOK(ptr) ::drs_host_tiling::record_vec_store(ptr)
+
+#include "noisy_views_args.h"
+#include "noisy_views_diag.cuh"
+
+namespace drs_host_tiling {
+namespace {
+
+using drs_ext::diag::Geometry;
+using drs_ext::diag::Tile;
+
+// Guards on each side of the output and of the window: longer than what they guard (a stray
+// write a row or a plane away lands in them rather than in the heap), and a multiple of 64
+// elements, 16 bytes for every output dtype, so the output keeps the 16-byte alignment of its
+// allocation.
+int64_t guard_len(int64_t len) { return (len + 127) / 64 * 64; }
+// All-ones bytes: a NaN in float32, float16 and bfloat16, and not a NaN that arithmetic produces.
+constexpr unsigned char kSentinelByte = 0xff;
+// Dynamic shared memory a launch gets without raising the kernel's
+// cudaFuncAttributeMaxDynamicSharedMemorySize (launch_diag does not).
+constexpr size_t kMaxWindowBytes = 48 * 1024;
+
+bool all_sentinel(const void* begin, size_t bytes) {
+  const auto* p = static_cast<const unsigned char*>(begin);
+  return std::all_of(p, p + bytes, [](unsigned char b) { return b == kSentinelByte; });
+}
+
+// run_items of diag::run_tile on the host: every item once, in a fresh random order per phase.
+// Returning is the barrier.
+struct ShuffledItems {
+  std::mt19937_64* rng;
+  std::vector<int32_t>* order;
+
+  template <class Fn>
+  void operator()(int32_t count, Fn&& fn) const {
+    order->resize(static_cast<size_t>(count));
+    std::iota(order->begin(), order->end(), 0);
+    std::shuffle(order->begin(), order->end(), *rng);
+    for (const int32_t item : *order) fn(item);
+  }
+};
+
+// Tiling cases reached by a run, counted over planes and tiles (returned to the test so it can
+// check that its shapes reach each case).
+enum Stat : int {
+  kVecStores,        // vector stores (16 bytes)
+  kWindowBytes,      // diag::window_bytes(geo)
+  kTilesPerPlane,    // geo.tiles
+  kColTiles,         // geo.col_tiles
+  kSpanChannels,     // tiles whose rows span two or more channels
+  kRowHalo,          // tiles with a halo row above or below (a tile edge inside a channel)
+  kChannelEdge,      // tiles starting on a channel boundary other than row 0
+  kColHalo,          // tiles with a halo column
+  kPhasedPlanes,     // planes whose first output is not on a vector boundary (phase != 0)
+  kNumStats
+};
+
+struct Run {
+  const float* x;
+  const int64_t* stream;
+  drs_ext::NoisyViewsArgs args;
+  uint64_t offset;
+  int64_t num, planes;
+  int32_t plane_size;
+};
+
+template <drs::Fill kFill, typename out_t, int kVec>
+void run_planes(const Run& r, const Geometry& geo, uint64_t shuffle_seed, out_t* out,
+                int64_t* stats) {
+  const size_t window_floats = drs_ext::diag::window_bytes(geo) / sizeof(float);
+  const size_t guard = static_cast<size_t>(guard_len(static_cast<int64_t>(window_floats)));
+  std::vector<float> window_buf(window_floats + 2 * guard);
+  std::memset(window_buf.data(), kSentinelByte, window_buf.size() * sizeof(float));
+  float* window = window_buf.data() + guard;
+  std::mt19937_64 rng(shuffle_seed);
+  std::vector<int32_t> order, tiles(static_cast<size_t>(geo.tiles));
+  const ShuffledItems run_items{&rng, &order};
+  const int branches = r.args.branches;
+  for (int64_t plane = 0; plane < r.planes; ++plane) {
+    // The kernel's locate(): plane = (image * branches + branch) * num + s.
+    const int64_t image_branch = plane / r.num;
+    const int64_t image = image_branch / branches;
+    const int branch = static_cast<int>(image_branch % branches);
+    const int64_t id = r.stream[image];
+    TORCH_CHECK(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
+                "noisy_views: stream ids must lie in [0, 2^32)");
+    const drs_ext::diag::Draw d{r.args.key0,
+                                r.args.key1,
+                                r.offset + static_cast<uint64_t>(plane - image_branch * r.num),
+                                static_cast<uint32_t>(branch),
+                                static_cast<uint32_t>(id),
+                                r.args.sigma[branch]};
+    const float* image_x = r.x + image * r.plane_size;
+    out_t* dst = out + plane * r.plane_size;
+    const int32_t phase = drs_ext::diag::plane_phase<kVec>(plane, r.plane_size);
+    stats[kPhasedPlanes] += phase != 0;
+    // Blocks run their tiles in any order too.
+    std::iota(tiles.begin(), tiles.end(), 0);
+    std::shuffle(tiles.begin(), tiles.end(), rng);
+    for (const int32_t tile : tiles) {
+      std::fill(window, window + window_floats, std::numeric_limits<float>::quiet_NaN());
+      drs_ext::diag::run_tile<kFill, out_t, kVec>(geo, tile, d, image_x, phase, branch, window,
+                                                  dst, run_items);
+      TORCH_CHECK(all_sentinel(window_buf.data(), guard * sizeof(float)) &&
+                      all_sentinel(window + window_floats, guard * sizeof(float)),
+                  "diag tiling: a write outside the shared-memory window (tile ", tile,
+                  " of plane ", plane, ")");
+      if (plane == 0) {
+        const Tile t = drs_ext::diag::make_tile<kFill>(geo, tile);
+        stats[kSpanChannels] += t.r0 / geo.height != (t.r1 - 1) / geo.height;
+        stats[kRowHalo] += t.lo < t.r0 || t.hi > t.r1;
+        stats[kChannelEdge] += t.r0 > 0 && t.r0 % geo.height == 0;
+        stats[kColHalo] += t.kl < t.k0 || t.kh > t.k1;
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double> sigma,
+                                       int64_t num, int64_t seed, int64_t offset,
+                                       const at::Tensor& stream, c10::string_view fill,
+                                       std::optional<at::ScalarType> out_dtype,
+                                       int64_t shuffle_seed) {
+  // The real op's argument checks and seed split (key0, key1).
+  const drs_ext::NoisyViewsArgs args = drs_ext::check_noisy_views_args(
+      x, sigma, num, seed, offset, stream, "diag", fill, out_dtype);
+  TORCH_CHECK(x.device().is_cpu() && stream.device().is_cpu(), "diag tiling: CPU tensors only");
+  const int64_t images = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t plane_size = channels * height * width;
+  TORCH_CHECK(plane_size <= std::numeric_limits<int32_t>::max() - 64,
+              "diag tiling: an image may hold at most 2^31 - 65 elements");
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor stream_c = stream.contiguous();
+  const Run r{x_c.data_ptr<float>(), stream_c.data_ptr<int64_t>(), args,
+              static_cast<uint64_t>(offset), num, images * args.branches * num,
+              static_cast<int32_t>(plane_size)};
+  const int64_t numel = r.planes * plane_size;
+  const int64_t guard = guard_len(plane_size);
+  at::Tensor buffer = at::empty({numel + 2 * guard}, x.options().dtype(args.out_dtype));
+  at::Tensor stats = at::zeros({kNumStats}, x.options().dtype(at::kLong));
+  int64_t* st = stats.data_ptr<int64_t>();
+  AT_DISPATCH_V2(
+      args.out_dtype, "diag_tiling_host", AT_WRAP([&] {
+        constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+        scalar_t* base = buffer.data_ptr<scalar_t>();
+        std::memset(base, kSentinelByte, buffer.nbytes());
+        scalar_t* out = base + guard;
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(out) % 16 == 0,
+                    "diag tiling: the output must start 16-byte aligned");
+        const Geometry geo = drs_ext::diag::make_geometry(channels, height, width, kVec);
+        st[kWindowBytes] = static_cast<int64_t>(drs_ext::diag::window_bytes(geo));
+        st[kTilesPerPlane] = geo.tiles;
+        st[kColTiles] = geo.col_tiles;
+        TORCH_CHECK(drs_ext::diag::window_bytes(geo) <= kMaxWindowBytes,
+                    "diag tiling: the window needs ", drs_ext::diag::window_bytes(geo),
+                    " bytes of shared memory, more than a launch gets");
+        vec_stores = 0;
+        const auto seed_u = static_cast<uint64_t>(shuffle_seed);
+        switch (args.fill) {
+          case drs::Fill::kNeighbors:
+            run_planes<drs::Fill::kNeighbors, scalar_t, kVec>(r, geo, seed_u, out, st);
+            break;
+          case drs::Fill::kPair:
+            run_planes<drs::Fill::kPair, scalar_t, kVec>(r, geo, seed_u, out, st);
+            break;
+          case drs::Fill::kBilinear:
+            run_planes<drs::Fill::kBilinear, scalar_t, kVec>(r, geo, seed_u, out, st);
+            break;
+          case drs::Fill::kZeros:
+            run_planes<drs::Fill::kZeros, scalar_t, kVec>(r, geo, seed_u, out, st);
+            break;
+        }
+        st[kVecStores] = vec_stores;
+        const size_t guard_bytes = static_cast<size_t>(guard) * sizeof(scalar_t);
+        TORCH_CHECK(all_sentinel(base, guard_bytes) && all_sentinel(out + numel, guard_bytes),
+                    "diag tiling: a write outside the output");
+      }),
+      at::kFloat, at::kHalf, at::kBFloat16);
+  at::Tensor out = buffer.narrow(0, guard, numel)
+                       .view({images, args.branches, num, channels, height, width});
+  return {out, stats};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(drs_host_tiling, m) {
+  m.def(
+      "run(Tensor x, float[] sigma, int num, int seed, int offset, Tensor stream, str fill, "
+      "ScalarType? out_dtype, int shuffle_seed) -> (Tensor, Tensor)",
+      &run);
+}
+
+}  // namespace drs_host_tiling

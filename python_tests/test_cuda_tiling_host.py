@@ -1,0 +1,185 @@
+"""The CUDA kernel's "diag" tiling, run on the host, against the CPU kernel and drs_ext.reference.
+
+CI has no GPU, so test_cuda.py never runs there. The per-block code of the CUDA kernel
+noisy_views for partition "diag", diag::run_tile in csrc/cuda/noisy_views_diag.cuh (tiles of the
+packed plane drawn into a shared-memory window with their halo, then expanded by the fill), is
+plain DRS_HOST_DEVICE C++: python_tests/host/diag_tiling_host.cpp compiles it for the host and
+runs it plane by plane, tile by tile, with the items of each phase in a shuffled order (the
+threads of a block run them in any order between two barriers). Its output must equal the CPU
+kernel's (float32 within the CPU-vs-CUDA tolerance, 16-bit outputs within one ulp of it) for every
+fill × out dtype on test_cuda.py's shapes plus shapes reaching the tiling cases those miss, and
+must not depend on the item order. The harness also fails on a write outside the output or the
+window, on a window element read before phase 1 wrote it (NaN-filled window), on an output never
+written (NaN-filled output), and on a vector store that is not 16-byte aligned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    FILLS,
+    assert_close_to,
+    assert_within_ulp,
+    parity_atol,
+    random_images,
+    reference_atol,
+)
+from test_cuda import DIAG_SHAPES as CUDA_DIAG_SHAPES
+from torch.utils import cpp_extension
+
+import drs_ext  # noqa: F401  (registers torch.ops.drs_ext)
+from drs_ext import reference
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+HARNESS = Path(__file__).resolve().parent / "host" / "diag_tiling_host.cpp"
+
+DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+# test_cuda.py's shapes, plus (tiling in csrc/cuda/noisy_views_diag.cuh):
+SHAPES: list[tuple[int, int, int, int]] = [
+    *CUDA_DIAG_SHAPES,
+    (2, 2, 32, 256),  # W/2 = 128, the widest whole rows: row tiles of exactly one channel
+    (1, 2, 50, 300),  # column tiles (2 x 75) and row tiles of 54: spanning a channel, halo rows
+    (1, 2, 32, 512),  # column tiles (2 x 128) and row tiles of 32 rows = one channel each
+    (1, 1, 4100, 2),  # W/2 = 1: row tiles of 4096 rows, the second starting inside the channel
+]
+SIGMA = [0.25, 0.75]
+SEED, OFFSET = 20240611, 5
+STATS = (
+    "vec_stores",
+    "window_bytes",
+    "tiles",
+    "col_tiles",
+    "span_channels",
+    "row_halo",
+    "channel_edge",
+    "col_halo",
+    "phased_planes",
+)
+
+
+@pytest.fixture(scope="module")
+def tiling(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """torch.ops.drs_host_tiling, compiled from the harness once for this module."""
+    cpp_extension.load(
+        name="drs_host_tiling",
+        sources=[str(HARNESS)],
+        extra_include_paths=[str(CSRC), str(CSRC / "include"), str(CSRC / "cuda")],
+        extra_cflags=["-O2", "-std=c++20"],
+        build_directory=str(tmp_path_factory.mktemp("diag_tiling_host")),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.drs_host_tiling
+
+
+def inputs(shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """x, num and stream ids as test_cuda.py draws them. num >= 2: planes after the first start at
+    a non-zero phase wherever C·H·W is not a multiple of the vector width (4 or 8 outputs)."""
+    x = random_images(shape, seed=sum(shape))
+    num = 2 if shape[-1] * shape[-2] > 10_000 else 3
+    stream = torch.arange(shape[0], dtype=torch.int64) * 7 + 3
+    return x, num, stream
+
+
+def run_host(
+    tiling: object,
+    x: torch.Tensor,
+    num: int,
+    stream: torch.Tensor,
+    fill: str,
+    out_dtype: torch.dtype,
+    shuffle_seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    out, stats = tiling.run(x, SIGMA, num, SEED, OFFSET, stream, fill, out_dtype, shuffle_seed)  # type: ignore[attr-defined]
+    stats_dict = dict(zip(STATS, stats.tolist(), strict=True))
+    # The harness NaN-fills the output and the window: a NaN is an output never written, or one
+    # computed from a window element that phase 1 did not write.
+    assert bool(torch.isfinite(out).all()), "NaN outputs: not written, or read unwritten window"
+    return out, stats_dict
+
+
+def run_cpu(
+    x: torch.Tensor, num: int, stream: torch.Tensor, fill: str, out_dtype: torch.dtype
+) -> torch.Tensor:
+    return torch.ops.drs_ext.noisy_views(
+        x, SIGMA, num, SEED, OFFSET, stream, "diag", fill, out_dtype
+    )
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fill", FILLS)
+def test_host_tiling_equals_cpu_kernel(tiling: object, fill: str, out_dtype: torch.dtype) -> None:
+    for shape in SHAPES:
+        x, num, stream = inputs(shape)
+        host, _ = run_host(tiling, x, num, stream, fill, out_dtype, shuffle_seed=sum(shape))
+        cpu = run_cpu(x, num, stream, fill, out_dtype)
+        assert host.shape == cpu.shape == (shape[0], 2, num, *shape[1:])
+        if out_dtype == torch.float32:
+            assert_close_to(host, cpu, parity_atol(x, SIGMA))
+        else:
+            assert_within_ulp(host, cpu, parity_atol(x, SIGMA))
+            # The cast comes last: the 16-bit output is the float32 one rounded, also when the
+            # vector slots (8 outputs instead of 4) fall differently.
+            host32, _ = run_host(tiling, x, num, stream, fill, torch.float32)
+            assert torch.equal(host, host32.to(out_dtype))
+
+
+@pytest.mark.parametrize("fill", FILLS)
+@pytest.mark.parametrize("shape", [(2, 1, 6, 10), (1, 2, 50, 300)], ids=str)
+def test_host_tiling_equals_reference(
+    tiling: object, fill: str, shape: tuple[int, int, int, int]
+) -> None:
+    """Against the independent float64 oracle, not only against the CPU kernel."""
+    x, num, stream = inputs(shape)
+    host, _ = run_host(tiling, x, num, stream, fill, torch.float32)
+    ref = reference.noisy_views(
+        x, SIGMA, num=num, seed=SEED, offset=OFFSET, stream=stream, fill_mode=fill
+    )
+    assert_close_to(host, ref, reference_atol(x, SIGMA))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=str)
+def test_item_order_does_not_matter(tiling: object, out_dtype: torch.dtype) -> None:
+    """Items of a phase write disjoint locations: any order gives the same bits."""
+    for shape in [(3, 3, 7, 14), (1, 2, 50, 300), (2, 2, 11, 262)]:
+        x, num, stream = inputs(shape)
+        for fill in FILLS:
+            runs = [run_host(tiling, x, num, stream, fill, out_dtype, s)[0] for s in (1, 2)]
+            assert torch.equal(runs[0], runs[1])
+
+
+def test_shapes_reach_every_tiling_case(tiling: object) -> None:
+    """The shapes above reach each case of the tiling (so the comparisons exercise it)."""
+    seen: dict[tuple[torch.dtype, tuple[int, int, int, int]], dict[str, int]] = {}
+    for out_dtype in DTYPES:
+        for shape in SHAPES:
+            x, num, stream = inputs(shape)
+            out, stats = run_host(tiling, x, num, stream, "neighbors", out_dtype)
+            vec = 16 // out.element_size()
+            stats["element_stores"] = out.numel() - vec * stats["vec_stores"]
+            stats["col_tiled"] = int(stats["col_tiles"] > 1)
+            stats["row_tiled"] = int(stats["tiles"] > stats["col_tiles"])
+            assert stats["window_bytes"] <= 48 * 1024
+            seen[out_dtype, shape] = stats
+
+    def reached(**want: bool) -> bool:
+        """Some run has each named count non-zero (True) or zero (False)."""
+        return any(all((s[k] > 0) == v for k, v in want.items()) for s in seen.values())
+
+    # Whole-row tiles: several per plane, spanning channels, an edge inside a channel (halo rows),
+    # an edge on a channel boundary.
+    assert reached(col_tiled=False, row_tiled=True, span_channels=True, row_halo=True)
+    assert reached(col_tiled=False, channel_edge=True)
+    # Column tiles (halo columns): one row tile, and several spanning channels with halo rows, and
+    # an edge on a channel boundary.
+    assert reached(col_tiled=True, row_tiled=False, col_halo=True)
+    assert reached(col_tiled=True, row_tiled=True, col_halo=True, span_channels=True, row_halo=True)
+    assert reached(col_tiled=True, channel_edge=True)
+    # Planes at a non-zero phase, vector stores and element-wise stores, for every dtype.
+    for out_dtype in DTYPES:
+        stats = [s for (d, _), s in seen.items() if d == out_dtype]
+        for key in ("phased_planes", "vec_stores", "element_stores"):
+            assert any(s[key] > 0 for s in stats), (out_dtype, key)
