@@ -25,6 +25,7 @@ from torch import nn
 
 from .model_call import ModelCall
 from .ops import noisy_views, vote_counts
+from .prefetch import prefetched
 from .radius import drs_radius, rs_radius
 from .stats import binom_test_p_value, lower_confidence_bound
 
@@ -100,6 +101,7 @@ class _Smoothing:
         partition: str,
         fill: str,
         model_call: ModelCall,
+        prefetch_noise: bool,
     ) -> None:
         self.branches = [_Ensemble(b) for b in branches]
         self.num_classes = _check_positive_int("num_classes", num_classes)
@@ -107,6 +109,7 @@ class _Smoothing:
         self.partition = partition
         self.fill = fill
         self.model_call = model_call
+        self.prefetch_noise = prefetch_noise
 
     def _check_call(self, x: torch.Tensor, seed: int, stream: int) -> None:
         for name, value, upper in (("seed", seed, 2**63), ("stream", stream, 2**32)):
@@ -135,7 +138,8 @@ class _Smoothing:
         """Votes (P, K) of draws[p] noisy views of branch p, numbered offset, offset+1, ...
 
         At most `batch_size` views go through a model at once; counts stay on the device until
-        the single copy at the end.
+        the single copy at the end. On CUDA, with prefetch_noise, the views of the next batch
+        are drawn on a side stream while the model runs (drs_ext.prefetch).
         """
         batch_size = _check_positive_int("batch_size", batch_size)
         counts = torch.zeros(
@@ -146,20 +150,23 @@ class _Smoothing:
             for branch in self.branches:
                 modes.enter_context(_eval_mode(branch))
             total = max(draws)
-            for start in range(0, total, batch_size):
-                size = min(batch_size, total - start)
-                views = noisy_views(
+
+            def make_views(start: int) -> torch.Tensor:
+                return noisy_views(
                     x[None],
                     self.sigmas,
-                    num=size,
+                    num=min(batch_size, total - start),
                     seed=seed,
                     offset=offset + start,
                     stream=stream_ids,
                     partition=self.partition,
                     fill=self.fill,
                 )[0]
+
+            starts = range(0, total, batch_size)
+            for start, views in prefetched(make_views, starts, x.device, self.prefetch_noise):
                 for p, branch in enumerate(self.branches):
-                    take = min(size, draws[p] - start)
+                    take = min(views.shape[1], draws[p] - start)
                     if take > 0:
                         logits = self.model_call(branch, views[p, :take])
                         counts[p] += vote_counts(logits[None])[0]
@@ -189,7 +196,8 @@ class SmoothedClassifier(_Smoothing):
     """Standard RS: g(x) = argmax_c P(f(x + ε) = c), ε ~ N(0, σ² I). Cohen et al.'s interface.
 
     autocast_dtype, channels_last and cuda_graph choose how views go through the model
-    (drs_ext.model_call.ModelCall); they change nothing else.
+    (drs_ext.model_call.ModelCall); prefetch_noise draws the next batch's views on a side CUDA
+    stream while the model runs the current one (drs_ext.prefetch). They change nothing else.
     """
 
     def __init__(
@@ -201,6 +209,7 @@ class SmoothedClassifier(_Smoothing):
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         cuda_graph: bool = False,
+        prefetch_noise: bool = True,
     ) -> None:
         super().__init__(
             [base_classifier],
@@ -209,6 +218,7 @@ class SmoothedClassifier(_Smoothing):
             "none",
             "neighbors",
             ModelCall(autocast_dtype, channels_last, cuda_graph),
+            prefetch_noise,
         )
         self.sigma = self.sigmas[0]
 
@@ -279,6 +289,7 @@ class DualSmoothedClassifier(_Smoothing):
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         cuda_graph: bool = False,
+        prefetch_noise: bool = True,
     ) -> None:
         pair = sigma if isinstance(sigma, (tuple, list)) else (sigma, sigma)
         if len(pair) != 2:
@@ -291,6 +302,7 @@ class DualSmoothedClassifier(_Smoothing):
             "diag",
             fill,
             ModelCall(autocast_dtype, channels_last, cuda_graph),
+            prefetch_noise,
         )
         self.sigma_l, self.sigma_r = sigmas
 

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FILLS, assert_close_to, random_images, reference_atol
+from conftest import (
+    FILLS,
+    assert_close_to,
+    assert_within_ulp,
+    parity_atol,
+    random_images,
+    reference_atol,
+)
 from torch import nn
 
 import drs_ext
@@ -75,29 +82,6 @@ def views(
     return torch.ops.drs_ext.noisy_views(
         x, sigma, num, seed, offset, stream, partition, fill, out_dtype
     )
-
-
-def parity_atol(x: torch.Tensor, sigma: list[float]) -> float:
-    """CPU vs CUDA in float32: both evaluate the same float32 formulas (drs/normal.h), up to
-    FMA contraction, so they agree to a few ulp of the largest value |x| + 7σ."""
-    return 1e-5 * (1.0 + float(x.abs().max()) + 6.0 * max(sigma))
-
-
-def ulp(t: torch.Tensor) -> torch.Tensor:
-    """Spacing of t's dtype at |t|, subnormals included, as float32."""
-    info = torch.finfo(t.dtype)
-    mag = t.float().abs().clamp(min=info.smallest_normal)
-    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
-
-
-def assert_within_ulp(actual: torch.Tensor, expected: torch.Tensor, atol32: float) -> None:
-    """16-bit outputs: each is its float32 value rounded once, and the float32 values differ by
-    at most atol32, so the two differ by at most atol32 + 1 ulp of the 16-bit dtype."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    actual, expected = actual.cpu(), expected.cpu()
-    err = (actual.float() - expected.float()).abs()
-    bound = torch.maximum(ulp(actual), ulp(expected)) + atol32
-    assert bool((err <= bound).all()), f"max error / bound {float((err / bound).max()):.3f}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,3 +359,66 @@ def test_certify_on_cuda_equals_cpu() -> None:
         assert cpu[0] == cuda[0] == 0
         assert cpu[1] > 0.0
         assert cuda[1] == pytest.approx(cpu[1], abs=1e-6)
+
+
+class SlowViewRecorder(nn.Module):
+    """Spins the GPU before reading its views (torch.cuda._sleep on the current stream), then
+    keeps a copy of them: a views batch read before its side-stream kernel finished, or whose
+    memory the allocator handed to a later batch too early, shows up as a wrong copy."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.classes, self.seen = classes, []
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        torch.cuda._sleep(2_000_000)
+        self.seen.append(v.clone())
+        return v.flatten(1)[:, : self.classes]
+
+
+@pytest.mark.parametrize("partition", ["diag", "none"])
+def test_prefetched_views_are_the_op_views(partition: str) -> None:
+    from drs_ext.smoothing import DualSmoothedClassifier, SmoothedClassifier
+
+    x = random_images((1, 8, 8), seed=31).cuda()
+    classes, draws, batch = 5, 70, 16  # 5 batches, the last one partial
+    models = [SlowViewRecorder(classes) for _ in range(2 if partition == "diag" else 1)]
+    smoothed: SmoothedClassifier | DualSmoothedClassifier
+    if partition == "diag":
+        smoothed = DualSmoothedClassifier(models[0], models[1], classes, (0.3, 0.6))
+    else:
+        smoothed = SmoothedClassifier(models[0], classes, 0.3)
+    assert smoothed.prefetch_noise  # the default on CUDA
+    counts = smoothed.sample_counts(x, [draws] * len(models), batch, seed=3, stream=7, offset=9)
+    expected = views(
+        x[None].cpu(),
+        smoothed.sigmas,
+        num=draws,
+        offset=9,
+        seed=3,
+        partition=partition,
+        stream=torch.tensor([7]),
+    )[0]
+    for p, model in enumerate(models):
+        seen = torch.cat(model.seen).cpu()
+        assert seen.shape == expected[p].shape
+        assert_close_to(seen, expected[p], parity_atol(x, smoothed.sigmas))
+        votes = seen.flatten(1)[:, :classes].argmax(1)  # the views the model really saw
+        bincount = torch.bincount(votes, minlength=classes)
+        assert counts[p].tolist() == bincount.tolist()
+
+
+def test_prefetch_changes_no_certificate() -> None:
+    from drs_ext.smoothing import DualSmoothedClassifier
+
+    x = torch.full((3, 16, 16), 0.51, device="cuda")
+    kw = {"n0": 64, "n": 3000, "alpha": 0.001, "batch_size": 256, "seed": 5}
+    results = [
+        DualSmoothedClassifier(MeanMargin(), MeanMargin(), 3, 0.25, prefetch_noise=p).certify(
+            x,
+            **kw,  # type: ignore[arg-type]
+        )
+        for p in (True, False)
+    ]
+    assert results[0] == results[1]
+    assert results[0][0] == 0 and results[0][1] > 0.0

@@ -14,6 +14,7 @@ from scipy.stats import beta, norm
 from torch import nn
 
 from drs_ext import DualSmoothedClassifier, SmoothedClassifier, reference
+from drs_ext.prefetch import prefetched
 from drs_ext.smoothing import ESTIMATION_OFFSET, SELECTION_OFFSET
 
 C, H, W, K = 1, 6, 6, 4
@@ -212,3 +213,18 @@ def test_model_call_options_change_nothing_but_the_model_outputs(image: torch.Te
     # bfloat16 autocast changes the logits slightly, never the number of votes.
     low = SmoothedClassifier(model, K, 0.5, autocast_dtype=torch.bfloat16)
     assert low.sample_counts(image, [200], 64, seed=0, stream=0, offset=0).sum() == 200
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_prefetched_yields_each_batch_once_in_order(enabled: bool) -> None:
+    """Off CUDA, prefetched is the plain loop (the CUDA side-stream path is in test_cuda.py)."""
+    calls: list[int] = []
+
+    def make(start: int) -> torch.Tensor:
+        calls.append(start)
+        return torch.full((2,), float(start))
+
+    out = list(prefetched(make, range(0, 10, 4), torch.device("cpu"), enabled))
+    assert [s for s, _ in out] == [0, 4, 8] and calls == [0, 4, 8]
+    assert all(bool((v == s).all()) for s, v in out)
+    assert list(prefetched(make, range(0), torch.device("cpu"), enabled)) == []
