@@ -21,18 +21,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
-from common import RESULTS, PlainViews, table, write_section
+from common import RESULTS, table, write_section
 from torch import nn
 
 import drs_ext
+from drs_ext.bench import PlainViews, device_description, median_ms
 
 SIGMA = 0.5
 SEED = 1234
@@ -43,25 +39,6 @@ def ours_views(x: torch.Tensor, num: int, partition: str, offset: int = 0) -> to
     return drs_ext.noisy_views(
         x[None], SIGMA, num=num, seed=SEED, offset=offset, partition=partition
     )[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing.
-
-
-def median_ms(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of each function; the functions run alternately, so a change of
-    machine load hits all of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_views(args: argparse.Namespace) -> list[list[str]]:
@@ -239,17 +216,6 @@ def noise_check() -> list[list[str]]:
 # Report.
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CIFAR only, fewer repeats")
@@ -257,8 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     args.warmup, args.repeats = (1, 5) if args.quick else (2, 11)
     command = "python benchmarks/bench_noisy_views.py" + (" --quick" if args.quick else "")
-    device = f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
-    device += f" ({torch.get_num_threads()} threads), drs_ext {drs_ext.__version__}"
+    device = device_description("cpu")
     print(f"# {device}\n# sigma={SIGMA}; median of {args.repeats} runs after {args.warmup} warm-up")
 
     print("(a) noisy views")

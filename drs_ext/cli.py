@@ -1,4 +1,4 @@
-r"""The ``drs`` command: train, certify, merge, analyze, demo.
+r"""The ``drs`` command: train, certify, merge, analyze, bench, demo.
 
     drs train    --data digits --arch digits_cnn --recipe gaussian --sigma 0.25 --out runs/rs
     drs train    --data digits --pretrained runs/rs/model.pt --partition diag --both-branches \
@@ -7,6 +7,7 @@ r"""The ``drs`` command: train, certify, merge, analyze, demo.
     drs certify  --data digits --checkpoint runs/drs/branch0.pt runs/drs/branch1.pt --out drs.tsv
     drs merge    all.tsv part.shard0of2.tsv part.shard1of2.tsv
     drs analyze  rs.tsv drs.tsv --radii 0 0.25 0.5 --plot curves.png
+    drs bench    --shape 3 224 224 --num 100 --out-dtype float16
     drs demo
 
 ``certify`` writes Cohen et al.'s TSV format (drs_ext/results.py). Sharding: ``--shard K/N``, or
@@ -33,6 +34,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _C
+from .bench import (
+    OUT_DTYPES,
+    CheckFailed,
+    ViewsBench,
+    bench_views,
+    copy_bandwidth,
+    device_description,
+    table,
+)
 from .checkpoint import BranchSpec, check_drs_pair, check_sigma, load_branch
 from .data import ImageDataset, load_dataset
 from .ops import FILLS
@@ -117,11 +127,30 @@ def _key_values(pairs: Sequence[str], flag: str) -> dict:
 # -- certify ---------------------------------------------------------------------------------
 
 
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def model_call_options(args: argparse.Namespace) -> dict:
+    """The classifiers' keyword options for how views go through the model (drs_ext.model_call,
+    drs_ext.prefetch): they change timing, and with --autocast the model's own logits."""
+    return {
+        "autocast_dtype": AUTOCAST_DTYPES[args.autocast] if args.autocast else None,
+        "channels_last": args.channels_last,
+        "cuda_graph": args.cuda_graph,
+        "prefetch_noise": not args.no_prefetch,
+    }
+
+
 def build_smoothed(
-    checkpoints: Sequence[str], sigma: float | None, device: str
+    checkpoints: Sequence[str], sigma: float | None, device: str, **options: object
 ) -> tuple[SmoothedClassifier | DualSmoothedClassifier, BranchSpec]:
-    """RS from one checkpoint or DRS from a branch-0/branch-1 pair, checked for consistency."""
+    """RS from one checkpoint or DRS from a branch-0/branch-1 pair, checked for consistency.
+    `options` go to the classifier (model_call_options); channels_last also converts the model's
+    weights, which is where cuDNN's speed-up comes from."""
     loaded = [load_branch(path, map_location=device) for path in checkpoints]
+    if options.get("channels_last"):
+        for model, _ in loaded:
+            model.to(memory_format=torch.channels_last)
     if len(loaded) == 1:
         (model, spec), path = loaded[0], checkpoints[0]
         if spec.partition != "none":
@@ -129,7 +158,8 @@ def build_smoothed(
                 f"{path} is DRS branch {spec.branch}; certify DRS with both branch checkpoints "
                 "(--checkpoint branch0.pt branch1.pt)"
             )
-        return SmoothedClassifier(model, spec.num_classes, check_sigma(spec, sigma, path)), spec
+        rs_sigma = check_sigma(spec, sigma, path)
+        return SmoothedClassifier(model, spec.num_classes, rs_sigma, **options), spec
     if len(loaded) != 2:
         raise ValueError(f"--checkpoint takes one (RS) or two (DRS) files, got {len(loaded)}")
     (m0, s0), (m1, s1) = loaded
@@ -137,7 +167,9 @@ def build_smoothed(
     models = [(m0, m1)[i] for i in order]
     spec = (s0, s1)[order[0]]
     check_sigma(spec, sigma, "DRS checkpoints")
-    smoothed = DualSmoothedClassifier(models[0], models[1], spec.num_classes, spec.sigma, spec.fill)
+    smoothed = DualSmoothedClassifier(
+        models[0], models[1], spec.num_classes, spec.sigma, spec.fill, **options
+    )
     return smoothed, spec
 
 
@@ -185,7 +217,7 @@ def certify_images(
 
 def cmd_certify(args: argparse.Namespace) -> int:
     device = args.device or default_device()
-    smoothed, spec = build_smoothed(args.checkpoint, args.sigma, device)
+    smoothed, spec = build_smoothed(args.checkpoint, args.sigma, device, **model_call_options(args))
     dataset = load_dataset(args.data, args.split, download=args.download)
     if tuple(dataset.input_shape) != tuple(spec.input_shape):
         raise ValueError(
@@ -329,6 +361,161 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = out / ("model.pt" if args.partition == "none" else f"branch{branch}.pt")
     Trainer(model, spec, recipe, data, config, path, eval_data=eval_data).fit(resume=args.resume)
     print(f"{path}: {spec.describe()}, recipe {args.recipe}")
+    return 0
+
+
+# -- bench -----------------------------------------------------------------------------------
+
+BENCH_SIGMA = 0.5  # the timing does not depend on σ; the tolerance of the check does, a little
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def _bench_device(text: str | None) -> torch.device:
+    """--device as a torch.device with an index on CUDA, or a ValueError naming --device."""
+    name = text or default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1)") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {name}: drs bench runs on cpu or cuda, got {device.type}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible to torch")
+    if not _C.built_with_cuda:
+        raise ValueError(
+            f"--device {name}: drs_ext was built without CUDA kernels; rebuild where nvcc is on "
+            "PATH (pip install --no-build-isolation -e .)"
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def _bench_settings(args: argparse.Namespace) -> tuple[torch.device, list[str], torch.dtype]:
+    """Checks every option before anything runs; each error names its option."""
+    channels, height, width = args.shape
+    if min(args.shape) < 1:
+        raise ValueError(f"--shape C H W must be >= 1 each, got {' '.join(map(str, args.shape))}")
+    partitions = ["diag", "none"] if args.partition == "both" else [args.partition]
+    if "diag" in partitions and width % 2:
+        raise ValueError(
+            f"--shape {channels} {height} {width} has an odd width W={width}, but --partition "
+            f"{args.partition} runs partition diag, which needs an even W (use --partition "
+            "none, or an even W)"
+        )
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    name = DTYPE_ALIASES.get(args.out_dtype.lower(), args.out_dtype.lower())
+    if name not in OUT_DTYPES:
+        raise ValueError(
+            f"--out-dtype must be one of {', '.join(OUT_DTYPES)} (what noisy_views writes on "
+            f"CPU and CUDA), got {args.out_dtype!r}"
+        )
+    return _bench_device(args.device), partitions, OUT_DTYPES[name]
+
+
+def _ms(value: float) -> str:
+    """Three significant digits, no exponent: 0.0123, 9.13, 58.0, 6595.0."""
+    return f"{value:.1f}" if value >= 99.95 else f"{value:#.3g}"
+
+
+def bench_report(
+    results: Sequence[ViewsBench], device: str, warmup: int, repeats: int, copy_bw: float | None
+) -> str:
+    """The markdown `drs bench` prints: device, setting, check, then one row per partition."""
+    first = results[0]
+    c, h, w = first.shape
+    dtype = str(first.out_dtype).removeprefix("torch.")
+    lines = [
+        "# drs bench: drs_ext.noisy_views vs the plain-PyTorch pipeline",
+        "",
+        f"Device: {device}  ",
+        f"Setting: one {c}x{h}x{w} float32 image, num = {first.num} draws per branch, "
+        f"sigma = {BENCH_SIGMA}, out {dtype}; median of {repeats} runs after {warmup} warm-up "
+        f"run{'s' * (warmup != 1)}, both pipelines timed alternately in this run; "
+        "speed-up = plain / drs_ext.  ",
+        "Plain: `x.repeat` + `torch.randn_like` (+ for diag: indexing of the diagonal sub-image, "
+        "noise in sub-image space, 4-neighbour fill with `F.pad` shifts), then `.to(dtype)`.  ",
+        f"Check before timing: output shape and dtype, and one draw against drs_ext.reference "
+        f"(max deviation per row; tolerance 2e-6·(1 + max|x| + 7σ)"
+        f"{' + one unit of ' + dtype + ' at max|x| + 7σ' if dtype != 'float32' else ''}"
+        f" = {first.tolerance:.1e}).",
+    ]
+    header = ["partition x fill", "views", "plain ms", "drs_ext ms", "speed-up"]
+    if copy_bw is not None:
+        lines[-1] += "  "
+        lines.append(
+            f"Device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (bytes read + written "
+            "/ time of a large `copy_`); 'of copy BW': bytes of the views written once / time "
+            "over it (the plain pipeline credited with the same bytes)."
+        )
+        header += ["drs_ext GB/s", "drs_ext of copy BW", "plain of copy BW"]
+    header.append("max dev. vs reference")
+    rows = []
+    for r in results:
+        branches = 2 if r.partition == "diag" else 1
+        row = [
+            "diag x neighbors" if r.partition == "diag" else "none",
+            f"{branches} x {r.num} x {c}x{h}x{w}",
+            _ms(r.plain_ms),
+            _ms(r.drs_ext_ms),
+            f"{r.speedup:.2f}x",
+        ]
+        if copy_bw is not None:
+            row += [
+                f"{r.write_gbps:.0f}",
+                f"{100 * (r.copy_fraction or 0.0):.0f}%",
+                f"{100 * (r.plain_copy_fraction or 0.0):.0f}%",
+            ]
+        rows.append([*row, f"{r.max_deviation:.1e}"])
+    return "\n".join(lines) + "\n\n" + table(header, rows)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time drs_ext.noisy_views against the plain pipeline on this machine (DESIGN.md §5):
+    `pip install` does not ship the repository's benchmarks/, and a GPU's figures are only
+    known on that GPU."""
+    device, partitions, out_dtype = _bench_settings(args)
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
+    repeats = args.repeats if args.repeats is not None else (15 if cuda else 11)
+    description = device_description(device)
+    try:
+        copy_bw = None
+        if cuda:
+            free, _ = torch.cuda.mem_get_info(device)
+            nbytes = min(2**30, free // 4)  # 1 GiB as benchmarks/bench_cuda.py, if it fits
+            copy_bw = copy_bandwidth(warmup, repeats, device, nbytes)
+        results = [
+            bench_views(
+                args.shape,
+                args.num,
+                partition,
+                out_dtype=out_dtype,
+                device=device,
+                sigma=BENCH_SIGMA,
+                warmup=warmup,
+                repeats=repeats,
+                copy_bw=copy_bw,
+            )
+            for partition in partitions
+        ]
+    except torch.cuda.OutOfMemoryError:
+        raise ValueError(
+            f"--num {args.num} with --shape {' '.join(map(str, args.shape))} does not fit in "
+            f"{device}'s memory; use a smaller --num"
+        ) from None
+    except CheckFailed as err:
+        print(f"drs bench: check failed: {err}", file=sys.stderr)
+        return 1
+    print(bench_report(results, description, warmup, repeats, copy_bw))
     return 0
 
 
@@ -477,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drs",
         description="Certified robustness by randomized smoothing (RS) and Dual Randomized "
-        "Smoothing (DRS): train base classifiers, certify, merge shards, analyze.",
+        "Smoothing (DRS): train base classifiers, certify, merge shards, analyze, benchmark.",
         epilog="examples:\n" + __doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -499,6 +686,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max", type=int, default=-1, help="stop before this image index")
     p.add_argument("--shard", help="K/N: this worker's share (default: torchrun RANK/WORLD_SIZE)")
     p.add_argument("--out", required=True, help="output TSV (Cohen et al.'s format)")
+    speed = p.add_argument_group("model call (GPU speed; the noise and the counting are unchanged)")
+    speed.add_argument(
+        "--autocast", choices=sorted(AUTOCAST_DTYPES), help="run the model under torch.autocast"
+    )
+    speed.add_argument("--channels-last", action="store_true", help="channels_last model+views")
+    speed.add_argument(
+        "--cuda-graph", action="store_true", help="capture the model call in a CUDA graph"
+    )
+    speed.add_argument(
+        "--no-prefetch", action="store_true", help="draw noise on the model's stream only"
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted file")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing file")
@@ -544,6 +742,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     _add_common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "bench",
+        help="time drs_ext.noisy_views against the plain-PyTorch pipeline on this machine",
+        description="Times drs_ext.noisy_views against the plain-PyTorch pipeline (x.repeat + "
+        "torch.randn_like + indexing + 4-neighbour fill) for one image, alternately in one run, "
+        "after checking the op against drs_ext.reference; on CUDA also the write bandwidth and "
+        "its fraction of the device-to-device copy bandwidth. Prints a markdown table.",
+    )
+    p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if usable, else cpu)")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[3, 32, 32],
+        metavar=("C", "H", "W"),
+        help="image shape (default 3 32 32)",
+    )
+    p.add_argument("--num", type=int, default=1000, help="noise draws per branch (default 1000)")
+    p.add_argument("--partition", default="both", choices=("none", "diag", "both"))
+    p.add_argument(
+        "--out-dtype",
+        default="float32",
+        help=f"dtype of the views: {', '.join(OUT_DTYPES)} (default float32; 16-bit output "
+        "halves the bytes written, which matters on a GPU)",
+    )
+    p.add_argument("--repeats", type=int, help="timed runs, median reported (default 11; GPU 15)")
+    p.add_argument("--warmup", type=int, help="untimed runs first (default 2; GPU 3)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="RS vs DRS on scikit-learn's digits, end to end")
     p.add_argument("--sigma", type=float, default=0.5, help="RS σ; DRS uses σ/√2 per branch")

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU run of the CUDA kernels, in one command for a machine with a CUDA GPU and a CUDA torch
+# already installed (it installs nothing else: numpy, scipy, pytest, tqdm, matplotlib and
+# scikit-learn must be there). Builds drs_ext with its CUDA kernels against that torch, then
+#   test   python_tests/test_cuda.py, then the whole suite (the CPU tests on that torch);
+#   bench  benchmarks/bench_cuda.py, which rewrites the "## GPU" section of benchmarks/RESULTS.md;
+#   all    both (the default).
+# Logs, and RESULTS.md after bench, go to $OUT (default gpu_out/).
+#
+# Usage: bash scripts/gpu_check.sh [test|bench|all] [extra arguments for bench_cuda.py]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stage="${1:-all}"
+shift || true
+out="${OUT:-gpu_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+python3 -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' \
+  | tee -a "$out/device.txt"
+# An editable build against the torch that is there (no requirements.txt: it pins the CPU torch).
+python3 -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e . \
+  2>&1 | tee "$out/build.log"
+python3 -c 'import drs_ext, sys; print("drs_ext CUDA kernels:", drs_ext.built_with_cuda,
+drs_ext.cuda_archs); sys.exit(0 if drs_ext.built_with_cuda else 1)' | tee -a "$out/build.log"
+
+# Each step runs even if an earlier one failed; the exit status says whether any did.
+status=0
+if [[ "$stage" == test || "$stage" == all ]]; then
+  python3 -m pytest python_tests/test_cuda.py -q -rs -p no:cacheprovider 2>&1 \
+    | tee "$out/test_cuda.log" || status=1
+  python3 -m pytest python_tests -q -p no:cacheprovider 2>&1 | tee "$out/test_all.log" || status=1
+fi
+if [[ "$stage" == bench || "$stage" == all ]]; then
+  python3 benchmarks/bench_cuda.py "$@" 2>&1 | tee "$out/bench_cuda.log" || status=1
+  cp benchmarks/RESULTS.md "$out/RESULTS.md"
+fi
+exit "$status"
