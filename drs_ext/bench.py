@@ -38,6 +38,7 @@ __all__ = [
     "median_ms",
     "neighbour_sum",
     "reference_tolerance",
+    "report",
     "table",
 ]
 
@@ -341,3 +342,68 @@ def bench_views(
         bytes_written=written,
         **extra,
     )
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _format_ms(value: float) -> str:
+    """Three significant digits, no exponent: 0.0123, 9.13, 58.0, 6595.0."""
+    return f"{value:.1f}" if value >= 99.95 else f"{value:#.3g}"
+
+
+def report(
+    results: Sequence[ViewsBench],
+    device: str,
+    warmup: int,
+    repeats: int,
+    copy_bw: float | None,
+    sigma: float,
+) -> str:
+    """The markdown `drs bench` prints: device, setting, check, then one row per partition."""
+    first = results[0]
+    c, h, w = first.shape
+    dtype = str(first.out_dtype).removeprefix("torch.")
+    lines = [
+        "# drs bench: drs_ext.noisy_views vs the plain-PyTorch pipeline",
+        "",
+        f"Device: {device}  ",
+        f"Setting: one {c}x{h}x{w} float32 image, num = {first.num} draws per branch, "
+        f"sigma = {sigma}, out {dtype}; median of {repeats} runs after {warmup} warm-up "
+        f"run{'s' * (warmup != 1)}, both pipelines timed alternately in this run; "
+        "speed-up = plain / drs_ext.  ",
+        "Plain: `x.repeat` + `torch.randn_like` (+ for diag: indexing of the diagonal sub-image, "
+        "noise in sub-image space, 4-neighbour fill with `F.pad` shifts), then `.to(dtype)`.  ",
+        f"Check before timing: output shape and dtype, and one draw against drs_ext.reference "
+        f"(max deviation per row; tolerance 2e-6·(1 + max|x| + 7σ)"
+        f"{' + one unit of ' + dtype + ' at max|x| + 7σ' if dtype != 'float32' else ''}"
+        f" = {first.tolerance:.1e}).",
+    ]
+    header = ["partition x fill", "views", "plain ms", "drs_ext ms", "speed-up"]
+    if copy_bw is not None:
+        lines[-1] += "  "
+        lines.append(
+            f"Device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (bytes read + written "
+            "/ time of a large `copy_`); 'of copy BW': bytes of the views written once / time "
+            "over it (the plain pipeline credited with the same bytes)."
+        )
+        header += ["drs_ext GB/s", "drs_ext of copy BW", "plain of copy BW"]
+    header.append("max dev. vs reference")
+    rows = []
+    for r in results:
+        branches = 2 if r.partition == "diag" else 1
+        row = [
+            "diag x neighbors" if r.partition == "diag" else "none",
+            f"{branches} x {r.num} x {c}x{h}x{w}",
+            _format_ms(r.plain_ms),
+            _format_ms(r.drs_ext_ms),
+            f"{r.speedup:.2f}x",
+        ]
+        if copy_bw is not None:
+            row += [
+                f"{r.write_gbps:.0f}",
+                f"{100 * (r.copy_fraction or 0.0):.0f}%",
+                f"{100 * (r.plain_copy_fraction or 0.0):.0f}%",
+            ]
+        rows.append([*row, f"{r.max_deviation:.1e}"])
+    return "\n".join(lines) + "\n\n" + table(header, rows)

@@ -37,11 +37,10 @@ from . import _C
 from .bench import (
     OUT_DTYPES,
     CheckFailed,
-    ViewsBench,
     bench_views,
     copy_bandwidth,
     device_description,
-    table,
+    report,
 )
 from .checkpoint import BranchSpec, check_drs_pair, check_sigma, load_branch
 from .data import ImageDataset, load_dataset
@@ -421,63 +420,6 @@ def _bench_settings(args: argparse.Namespace) -> tuple[torch.device, list[str], 
     return _bench_device(args.device), partitions, OUT_DTYPES[name]
 
 
-def _ms(value: float) -> str:
-    """Three significant digits, no exponent: 0.0123, 9.13, 58.0, 6595.0."""
-    return f"{value:.1f}" if value >= 99.95 else f"{value:#.3g}"
-
-
-def bench_report(
-    results: Sequence[ViewsBench], device: str, warmup: int, repeats: int, copy_bw: float | None
-) -> str:
-    """The markdown `drs bench` prints: device, setting, check, then one row per partition."""
-    first = results[0]
-    c, h, w = first.shape
-    dtype = str(first.out_dtype).removeprefix("torch.")
-    lines = [
-        "# drs bench: drs_ext.noisy_views vs the plain-PyTorch pipeline",
-        "",
-        f"Device: {device}  ",
-        f"Setting: one {c}x{h}x{w} float32 image, num = {first.num} draws per branch, "
-        f"sigma = {BENCH_SIGMA}, out {dtype}; median of {repeats} runs after {warmup} warm-up "
-        f"run{'s' * (warmup != 1)}, both pipelines timed alternately in this run; "
-        "speed-up = plain / drs_ext.  ",
-        "Plain: `x.repeat` + `torch.randn_like` (+ for diag: indexing of the diagonal sub-image, "
-        "noise in sub-image space, 4-neighbour fill with `F.pad` shifts), then `.to(dtype)`.  ",
-        f"Check before timing: output shape and dtype, and one draw against drs_ext.reference "
-        f"(max deviation per row; tolerance 2e-6·(1 + max|x| + 7σ)"
-        f"{' + one unit of ' + dtype + ' at max|x| + 7σ' if dtype != 'float32' else ''}"
-        f" = {first.tolerance:.1e}).",
-    ]
-    header = ["partition x fill", "views", "plain ms", "drs_ext ms", "speed-up"]
-    if copy_bw is not None:
-        lines[-1] += "  "
-        lines.append(
-            f"Device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s (bytes read + written "
-            "/ time of a large `copy_`); 'of copy BW': bytes of the views written once / time "
-            "over it (the plain pipeline credited with the same bytes)."
-        )
-        header += ["drs_ext GB/s", "drs_ext of copy BW", "plain of copy BW"]
-    header.append("max dev. vs reference")
-    rows = []
-    for r in results:
-        branches = 2 if r.partition == "diag" else 1
-        row = [
-            "diag x neighbors" if r.partition == "diag" else "none",
-            f"{branches} x {r.num} x {c}x{h}x{w}",
-            _ms(r.plain_ms),
-            _ms(r.drs_ext_ms),
-            f"{r.speedup:.2f}x",
-        ]
-        if copy_bw is not None:
-            row += [
-                f"{r.write_gbps:.0f}",
-                f"{100 * (r.copy_fraction or 0.0):.0f}%",
-                f"{100 * (r.plain_copy_fraction or 0.0):.0f}%",
-            ]
-        rows.append([*row, f"{r.max_deviation:.1e}"])
-    return "\n".join(lines) + "\n\n" + table(header, rows)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time drs_ext.noisy_views against the plain pipeline on this machine (DESIGN.md §5):
     `pip install` does not ship the repository's benchmarks/, and a GPU's figures are only
@@ -515,7 +457,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except CheckFailed as err:
         print(f"drs bench: check failed: {err}", file=sys.stderr)
         return 1
-    print(bench_report(results, description, warmup, repeats, copy_bw))
+    print(report(results, description, warmup, repeats, copy_bw, BENCH_SIGMA))
     return 0
 
 
