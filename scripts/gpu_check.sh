@@ -16,9 +16,12 @@ out="${OUT:-gpu_out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-python3 -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' \
-  | tee -a "$out/device.txt"
+if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu_check: torch sees no CUDA GPU here (torch.cuda.is_available() is False)" >&2
+  exit 2
+fi
+python3 -c 'import torch; p = torch.cuda.get_device_properties(0); print(p.name, f"{p.total_memory / 2**30:.0f} GiB",
+"| torch", torch.__version__, "| CUDA", torch.version.cuda)' | tee "$out/device.txt"
 # An editable build against the torch that is there (no requirements.txt: it pins the CPU torch).
 python3 -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e . \
   2>&1 | tee "$out/build.log"
