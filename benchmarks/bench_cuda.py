@@ -247,27 +247,18 @@ def bench_certify(args: argparse.Namespace) -> list[list[str]]:
                 CifarResNet().cuda().eval().to(memory_format=memory_format)
                 for _ in range(1 if method == "RS" else 2)
             ]
+            options = {
+                "autocast_dtype": autocast_dtype,
+                "channels_last": fast,
+                "cuda_graph": graph,
+                "prefetch_noise": prefetch,
+            }
             smoothed: SmoothedClassifier | DualSmoothedClassifier
             if method == "RS":
-                smoothed = SmoothedClassifier(
-                    models[0],
-                    NUM_CLASSES,
-                    sigma,
-                    autocast_dtype=autocast_dtype,
-                    channels_last=fast,
-                    cuda_graph=graph,
-                    prefetch_noise=prefetch,
-                )
+                smoothed = SmoothedClassifier(models[0], NUM_CLASSES, sigma, **options)
             else:
                 smoothed = DualSmoothedClassifier(
-                    models[0],
-                    models[1],
-                    NUM_CLASSES,
-                    sigma,
-                    autocast_dtype=autocast_dtype,
-                    channels_last=fast,
-                    cuda_graph=graph,
-                    prefetch_noise=prefetch,
+                    models[0], models[1], NUM_CLASSES, sigma, **options
                 )
             cohen = CohenLoop(models, sigma, autocast_dtype, fast)
             runs: dict[str, Callable[..., object]] = {
