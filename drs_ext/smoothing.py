@@ -145,7 +145,9 @@ class _Smoothing:
         counts = torch.zeros(
             len(self.branches), self.num_classes, dtype=torch.int64, device=x.device
         )
-        stream_ids = torch.tensor([stream], dtype=torch.int64, device=x.device)
+        # Filled on the device: torch.tensor([stream], device=cuda) would be a host-to-device
+        # copy, which waits for the stream (a host synchronisation before every call).
+        stream_ids = torch.full((1,), stream, dtype=torch.int64, device=x.device)
         with torch.inference_mode(), contextlib.ExitStack() as modes:
             for branch in self.branches:
                 modes.enter_context(_eval_mode(branch))

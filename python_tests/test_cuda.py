@@ -422,3 +422,127 @@ def test_prefetch_changes_no_certificate() -> None:
     ]
     assert results[0] == results[1]
     assert results[0][0] == 0 and results[0][1] > 0.0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"prefetch_noise": False},
+        {"cuda_graph": True, "channels_last": True, "autocast_dtype": torch.bfloat16},
+    ],
+    ids=["default", "no-prefetch", "graph+channels_last+autocast"],
+)
+def test_sampling_never_waits_for_the_gpu(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, object]
+) -> None:
+    """No host synchronisation per batch: with the GPU held busy by a long sleep, the host
+    enqueues every batch (views, model, vote count) before the sleep ends. A gate event recorded
+    after the sleep is polled (without waiting) at each vote count; one synchronisation anywhere
+    in the loop would let the sleep finish and open the gate."""
+    from drs_ext import smoothing
+
+    x = random_images((3, 8, 8), seed=33).cuda()
+    smoothed = smoothing.DualSmoothedClassifier(MeanMargin(), MeanMargin(), 3, 0.25, **options)  # type: ignore[arg-type]
+    draws, batch = [70, 70], 16  # 5 batches per branch, the last one partial
+    kw = {"seed": 3, "stream": 7, "offset": 0}
+    expected = smoothed.sample_counts(x, draws, batch, **kw)  # type: ignore[arg-type]  # warm-up
+    if options.get("cuda_graph"):
+        assert len(smoothed.model_call._graphs) == 4  # 2 models x 2 batch shapes, captured
+
+    gate_open: list[bool] = []
+    real_vote_counts = smoothing.vote_counts
+
+    def polling_vote_counts(logits: torch.Tensor) -> torch.Tensor:
+        gate_open.append(gate.query())
+        return real_vote_counts(logits)
+
+    monkeypatch.setattr(smoothing, "vote_counts", polling_vote_counts)
+    gate = torch.cuda.Event()
+    torch.cuda._sleep(1_000_000_000)  # about half a second of GPU time
+    gate.record()
+    counts = smoothed.sample_counts(x, draws, batch, **kw)  # type: ignore[arg-type]
+    assert gate_open == [False] * 10, "the host waited for the GPU inside the batch loop"
+    assert gate.query()  # the one copy of the counts at the end did wait
+    assert counts.tolist() == expected.tolist()
+
+    # The gate does see a synchronisation: one .item() per batch, as a per-batch .cpu() of the
+    # votes would be, opens it at the second poll.
+    gate_open.clear()
+    monkeypatch.setattr(
+        smoothing,
+        "vote_counts",
+        lambda logits: (polling_vote_counts(logits), logits.sum().item())[0],
+    )
+    gate = torch.cuda.Event()
+    torch.cuda._sleep(1_000_000_000)
+    gate.record()
+    smoothed.sample_counts(x, draws, batch, **kw)  # type: ignore[arg-type]
+    assert gate_open[0] is False and all(gate_open[1:])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prefetch_noise": False},
+        {"cuda_graph": True},
+        {"channels_last": True},
+        {"autocast_dtype": torch.float16},
+        {"cuda_graph": True, "channels_last": True, "autocast_dtype": torch.bfloat16},
+    ],
+    ids=str,
+)
+def test_model_call_options_change_no_certificate(options: dict[str, object]) -> None:
+    """The options touch only the model call; MeanMargin's logits (float64 means, no autocast
+    op) do not depend on them, so neither may the certificate."""
+    from drs_ext.smoothing import DualSmoothedClassifier, SmoothedClassifier
+
+    x = torch.full((3, 16, 16), 0.51, device="cuda")
+    kw = {"n0": 64, "n": 2000, "alpha": 0.001, "batch_size": 300, "seed": 5}
+    for make in (
+        lambda **o: SmoothedClassifier(MeanMargin(), 3, 0.25, **o),
+        lambda **o: DualSmoothedClassifier(MeanMargin(), MeanMargin(), 3, 0.25, **o),
+    ):
+        plain = make().certify(x, **kw)
+        with_options = make(**options)
+        assert with_options.certify(x, **kw) == plain
+        assert plain[0] == 0 and plain[1] > 0.0
+        if options.get("cuda_graph"):
+            assert with_options.model_call._graphs, "cuda_graph=True captured no graph"
+
+
+class TinyNet(nn.Module):
+    """Convolution, batch norm (eval), pooling and a linear layer: weights that autocast casts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2)
+        )
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(v).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"autocast_dtype": torch.float16, "channels_last": True}],
+    ids=["float32", "fp16+channels_last"],
+)
+def test_graphed_model_call_equals_eager(options: dict[str, object]) -> None:
+    """ModelCall(cuda_graph=True): a replay reads the new views and gives the eager logits."""
+    from drs_ext.model_call import ModelCall
+
+    torch.manual_seed(0)
+    model = TinyNet().cuda().eval()
+    if options.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    eager, graphed = ModelCall(**options), ModelCall(**options, cuda_graph=True)  # type: ignore[arg-type]
+    tol = 1e-2 if options.get("autocast_dtype") else 1e-5
+    with torch.inference_mode():
+        for seed in range(3):
+            v = random_images((16, 3, 8, 8), seed=40 + seed).cuda()
+            out = graphed(model, v).clone()  # the next replay overwrites the graph's output
+            torch.testing.assert_close(out, eager(model, v), rtol=tol, atol=tol)
+    assert len(graphed._graphs) == 1  # captured once, replayed for the later batches
