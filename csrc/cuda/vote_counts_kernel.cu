@@ -1,13 +1,9 @@
 // vote_counts on CUDA, the same function as csrc/cpu/vote_counts_kernel.cpp: counts[g, k] = number
 // of rows s of logits[g] whose argmax (the first maximum) is class k; a row holding a NaN votes
-// for no class.
-//
-// kLanes threads scan one row. With few classes a thread owns a row and calls first_argmax on it.
-// With many, a warp owns a row: each lane calls first_argmax on a contiguous slice, and a warp
-// reduction keeps the largest value (the lowest index among equal ones), which is the first
-// maximum of the whole row; any NaN in the row makes it vote for nothing. Votes go straight into
-// the int64 output with warp-aggregated atomics: lanes voting for the same class elect one lane
-// that adds their number. Integer atomics make the counts exact and deterministic.
+// for no class. A thread (few classes) or a warp (many) scans a row, and the warps add their votes
+// with warp-aggregated integer atomics, so the counts are exact and deterministic. The per-thread
+// code is votes::count_rows (vote_counts_rows.cuh), which python_tests/test_cuda_votes_host.py
+// also runs on the host against the CPU kernel.
 #include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -16,100 +12,50 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <limits>
 
 #include "vote_counts_args.h"
+#include "vote_counts_rows.cuh"
 
 namespace drs_ext {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
-constexpr int64_t kWarpPerRowClasses = 64;  // more classes than this: one warp per row
-constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
-constexpr int64_t kMaxGridY = 65535;
+using votes::kThreads;
+using votes::kWarp;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// First maximum of row[0 .. classes) as seen by lane `lane` of the kLanes scanning it, or -1 for
-// a row with a NaN. Every lane of the team gets the result.
-template <typename scalar_t, int kLanes>
-__device__ __forceinline__ int32_t row_argmax(const scalar_t* row, int32_t classes, int lane) {
-  if constexpr (kLanes == 1) {
-    return static_cast<int32_t>(first_argmax(row, classes));
-  } else {
-    using cmp_t = typename CompareType<scalar_t>::type;
-    const int32_t chunk = (classes + kLanes - 1) / kLanes;
-    const int32_t begin = min(lane * chunk, classes);
-    const int32_t end = min(begin + chunk, classes);
-    // An empty slice or a slice with a NaN offers (-inf, INT32_MAX), which loses every
-    // comparison below against a real entry, -inf included.
-    cmp_t best = -std::numeric_limits<cmp_t>::infinity();
-    int32_t index = std::numeric_limits<int32_t>::max();
-    bool nan = false;
-    if (begin < end) {
-      const int64_t local = first_argmax(row + begin, end - begin);
-      nan = local < 0;
-      if (!nan) {
-        index = begin + static_cast<int32_t>(local);
-        best = static_cast<cmp_t>(row[index]);
-      }
-    }
-#pragma unroll
-    for (int delta = kLanes / 2; delta > 0; delta /= 2) {
-      const cmp_t other_best = __shfl_xor_sync(kFullMask, best, delta);
-      const int32_t other_index = __shfl_xor_sync(kFullMask, index, delta);
-      if (other_best > best || (other_best == best && other_index < index)) {
-        best = other_best;
-        index = other_index;
-      }
-    }
-    return __any_sync(kFullMask, nan) ? -1 : index;
+// votes::count_rows's warp: the lanes of a CUDA warp, all active.
+struct DeviceWarp {
+  __device__ __forceinline__ int lane() const { return static_cast<int>(threadIdx.x % kWarp); }
+  template <typename T>
+  __device__ __forceinline__ T shfl_xor(T value, int delta) const {
+    return __shfl_xor_sync(kFullMask, value, delta);
   }
-}
-
-// Adds the votes of the reporting lanes of a warp (one per row) to counts. All 32 lanes call it.
-__device__ __forceinline__ void add_votes(unsigned long long* counts, int32_t winner,
-                                          bool reports) {
-  const bool votes = reports && winner >= 0;
-  const unsigned voters = __ballot_sync(kFullMask, votes);
-  if (votes) {
-    const unsigned peers = __match_any_sync(voters, winner);
-    if (static_cast<int>(threadIdx.x % kWarp) == __ffs(peers) - 1) {
-      atomicAdd(counts + winner, static_cast<unsigned long long>(__popc(peers)));
-    }
+  __device__ __forceinline__ bool any(bool p) const { return __any_sync(kFullMask, p); }
+  __device__ __forceinline__ unsigned match_any(int32_t key) const {
+    return __match_any_sync(kFullMask, key);
   }
-}
+  __device__ __forceinline__ void add(unsigned long long* counter, unsigned long long n) const {
+    atomicAdd(counter, n);
+  }
+};
 
 template <typename scalar_t, int kLanes>
 __global__ void __launch_bounds__(kThreads)
     vote_counts_kernel(const scalar_t* __restrict__ logits, int64_t groups, int64_t rows,
                        int32_t classes, unsigned long long* __restrict__ counts) {
-  const int lane = static_cast<int>(threadIdx.x % kLanes);
-  const int64_t rows_per_block = blockDim.x / kLanes;
-  // Both loops are uniform across the block, so every warp reaches the warp-wide intrinsics.
-  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
-    for (int64_t first = blockIdx.x * rows_per_block; first < rows;
-         first += gridDim.x * rows_per_block) {
-      const int64_t s = first + threadIdx.x / kLanes;
-      int32_t winner = -1;
-      if (s < rows) {  // uniform across the team of a row
-        winner = row_argmax<scalar_t, kLanes>(logits + (g * rows + s) * classes, classes, lane);
-      }
-      add_votes(counts + g * classes, winner, lane == 0);
-    }
-  }
+  const votes::ThreadIndex t{blockIdx.x, blockIdx.y, gridDim.x, gridDim.y,
+                             static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
+  votes::count_rows<scalar_t, kLanes>(t, logits, groups, rows, classes, counts, DeviceWarp{});
 }
 
 template <typename scalar_t, int kLanes>
 void launch(const scalar_t* logits, int64_t groups, int64_t rows, int32_t classes,
             unsigned long long* counts, cudaStream_t stream) {
-  const int64_t rows_per_block = kThreads / kLanes;
-  const dim3 grid(
-      static_cast<unsigned>(std::min((rows + rows_per_block - 1) / rows_per_block, kMaxGridX)),
-      static_cast<unsigned>(std::min(groups, kMaxGridY)));
+  const votes::Grid grid = votes::launch_grid(groups, rows, kLanes);
   vote_counts_kernel<scalar_t, kLanes>
-      <<<grid, kThreads, 0, stream>>>(logits, groups, rows, classes, counts);
+      <<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)), kThreads, 0, stream>>>(
+          logits, groups, rows, classes, counts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -130,7 +76,7 @@ at::Tensor vote_counts_cuda(const at::Tensor& logits) {
   AT_DISPATCH_V2(
       l.scalar_type(), "vote_counts_cuda", AT_WRAP([&] {
         const scalar_t* ptr = l.data_ptr<scalar_t>();
-        if (classes > kWarpPerRowClasses) {
+        if (votes::lanes_for(classes) == kWarp) {
           launch<scalar_t, kWarp>(ptr, groups, rows, classes, counts_ptr, stream);
         } else {
           launch<scalar_t, 1>(ptr, groups, rows, classes, counts_ptr, stream);
