@@ -58,9 +58,12 @@ pids=()
 for i in "${!SOURCES[@]}"; do
   src="${SOURCES[$i]}"
   obj="$TMP/$(basename "${src%.cu}").o"
+  mkdir -p "$TMP/keep$i"
   (
     rc=0
-    "$NVCC" "${FLAGS[@]}" "$src" -o "$obj" >"$TMP/$i.log" 2>&1 || rc=$?
+    # -keep: the PTX of each target stays in keep$i for the vector-store check below.
+    "$NVCC" "${FLAGS[@]}" -keep -keep-dir "$TMP/keep$i" "$src" -o "$obj" >"$TMP/$i.log" 2>&1 ||
+      rc=$?
     echo "$rc" >"$TMP/$i.rc"
   ) &
   pids+=($!)
@@ -83,6 +86,31 @@ for i in "${!SOURCES[@]}"; do
   fi
   if [[ -s "$TMP/$i.log" ]]; then
     sed 's/^/    /' "$TMP/$i.log"
+  fi
+  # The noisy_views kernels are bound by their stores: each must write with vector stores
+  # (st.global...v2 / v4 in the PTX of every target), which the compiler can silently split
+  # (csrc/cuda/noisy_views_common.cuh, store_vec).
+  if [[ "$rc" == 0 && "$src" == *noisy_views* ]]; then
+    "$PYTHON" - "$TMP/keep$i" <<'PY' || failed=1
+import re, sys
+from pathlib import Path
+
+ptx_files = sorted(Path(sys.argv[1]).glob("*.ptx"))
+bad, kernels = [], 0
+for ptx in ptx_files:
+    text = ptx.read_text()
+    for m in re.finditer(r"\.entry\s+(\S*noisy_views\S*)\(", text):
+        body = text[m.end() : text.find("\n}", m.end())]
+        kernels += 1
+        if not re.search(r"\bst\.global\S*\.v[24]\.", body):
+            bad.append(f"{ptx.name}: {m.group(1)}")
+if not ptx_files or not kernels or bad:
+    print(f"nvcc_check: FAIL  vector stores: {len(ptx_files)} PTX files, {kernels} kernels")
+    for b in bad:
+        print(f"    no vector store in {b}")
+    sys.exit(1)
+print(f"nvcc_check: OK    vector stores in all {kernels} noisy_views kernels ({len(ptx_files)} PTX)")
+PY
   fi
 done
 exit "$failed"

@@ -26,22 +26,9 @@
 
 #include "drs/normal.h"
 #include "drs/partition.h"
+#include "noisy_views_common.cuh"
 
 namespace drs_ext {
-
-// kVec consecutive outputs moved as one aligned vector (one store instruction).
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
-};
-
-// Hook called with the address of every vector store of store_item. The host run of the tiling
-// (python_tests/host/diag_tiling_host.cpp) defines it before including this header, to check that
-// each store is 16-byte aligned; in the kernel it is empty.
-#ifndef DRS_DIAG_VEC_STORE_HOOK
-#define DRS_DIAG_VEC_STORE_HOOK(ptr)
-#endif
-
 namespace diag {
 
 using Divider = at::cuda::detail::IntDivider<uint32_t>;
@@ -141,14 +128,6 @@ DRS_HOST_DEVICE int32_t store_items(const Geometry& geo, const Tile& t) {
   return t.out_segments * geo.store_items_per_segment;
 }
 
-// Noise of one (image, branch, sample): the Philox key and counter fields and sigma.
-struct Draw {
-  uint32_t key0, key1;
-  uint64_t sample;
-  uint32_t branch, stream;
-  float sigma;
-};
-
 // Phase 1, one item: an element group of one segment. Sets
 // window[(r - lo) * (kh - kl) + (k - kl)] = x[c, i, kept(i, k)] + sigma * eps[e] for the elements
 // e = r * W/2 + k of the group inside the segment (a group cut by a segment edge is drawn by both
@@ -223,8 +202,7 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
     }
   }
   if (base >= o0 && base + kVec <= end) {
-    DRS_DIAG_VEC_STORE_HOOK(dst + base);
-    *reinterpret_cast<Vec<out_t, kVec>*>(dst + base) = v;
+    store_vec(dst + base, v);
   } else {
     for (int l = 0; l < kVec; ++l) {
       if (base + l >= first && base + l < end) dst[base + l] = v.v[l];

@@ -3,7 +3,8 @@
 // that reads x (an L2-resident image) and writes each output element once.
 //
 // partition "none": a thread draws one Philox element group (4 normals, drs::normal4) and writes
-// those 4 consecutive outputs, one vector store where the output is aligned.
+// those 4 consecutive outputs, one vector store where the output is aligned (none::write_group,
+// which python_tests/test_cuda_none_host.py also runs on the host against the CPU kernel).
 // partition "diag": a block owns one tile of one (n, p, s) plane (noisy_views_diag.cuh). It draws
 // the noisy sub-image of the tile and the one-pixel halo its fill reads into shared memory, so
 // each normal is drawn once (up to halos), then writes the tile's full-resolution pixels with
@@ -31,6 +32,7 @@
 #include "drs/partition.h"
 #include "noisy_views_args.h"
 #include "noisy_views_diag.cuh"
+#include "noisy_views_none.cuh"
 
 namespace drs_ext {
 namespace {
@@ -73,7 +75,7 @@ __device__ __forceinline__ Plane locate(const Common& c, int64_t plane) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// partition "none": the sub-image is the image; element e of a plane is output e.
+// partition "none": a thread per element group (noisy_views_none.cuh).
 
 template <typename out_t>
 __global__ void __launch_bounds__(kThreads)
@@ -81,27 +83,13 @@ __global__ void __launch_bounds__(kThreads)
                             out_t* __restrict__ out) {
   for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
     const Plane q = locate(c, plane);
-    const float sigma = q.branch == 0 ? c.sigma[0] : c.sigma[1];
+    const Draw d{c.key0, c.key1, q.sample, static_cast<uint32_t>(q.branch), q.stream,
+                 q.branch == 0 ? c.sigma[0] : c.sigma[1]};
     const float* image = c.x + q.image * c.plane_size;
     out_t* dst = out + plane * c.plane_size;
     for (int32_t g = blockIdx.y * blockDim.x + threadIdx.x; g < num_groups;
          g += gridDim.y * blockDim.x) {
-      float z[4];
-      drs::normal4(c.key0, c.key1, static_cast<uint32_t>(g), q.sample, q.branch, q.stream, z);
-      const int32_t e = 4 * g;
-      if (vectorize && e + 4 <= c.plane_size) {
-        const float4 xv = *reinterpret_cast<const float4*>(image + e);
-        Vec<out_t, 4> v;
-        v.v[0] = static_cast<out_t>(xv.x + sigma * z[0]);
-        v.v[1] = static_cast<out_t>(xv.y + sigma * z[1]);
-        v.v[2] = static_cast<out_t>(xv.z + sigma * z[2]);
-        v.v[3] = static_cast<out_t>(xv.w + sigma * z[3]);
-        *reinterpret_cast<Vec<out_t, 4>*>(dst + e) = v;
-      } else {
-        for (int l = 0; l < 4 && e + l < c.plane_size; ++l) {
-          dst[e + l] = static_cast<out_t>(image[e + l] + sigma * z[l]);
-        }
-      }
+      none::write_group(d, image, g, c.plane_size, vectorize, dst);
     }
   }
 }
@@ -126,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ float window[];
   for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
     const Plane q = locate(c, plane);
-    const diag::Draw d{c.key0, c.key1, q.sample, static_cast<uint32_t>(q.branch), q.stream,
+    const Draw d{c.key0, c.key1, q.sample, static_cast<uint32_t>(q.branch), q.stream,
                        q.branch == 0 ? c.sigma[0] : c.sigma[1]};
     const float* image = c.x + q.image * c.plane_size;
     out_t* dst = out + plane * c.plane_size;
@@ -170,10 +158,7 @@ void launch_none(const Common& c, int64_t num_groups, out_t* out, cudaStream_t s
   const int64_t blocks_per_plane = (num_groups + kThreads - 1) / kThreads;
   const dim3 grid(static_cast<unsigned>(std::min(c.planes, kMaxGridX)),
                   static_cast<unsigned>(std::min(blocks_per_plane, kMaxGridY)));
-  // A group's 4 inputs and 4 outputs are aligned vectors when every image and plane starts on a
-  // 4-element boundary and x itself is 16-byte aligned (a view of x may not be).
-  const bool vectorize =
-      c.plane_size % 4 == 0 && reinterpret_cast<uintptr_t>(c.x) % alignof(float4) == 0;
+  const bool vectorize = none::can_vectorize(c.x, c.plane_size);
   noisy_views_none_kernel<out_t>
       <<<grid, kThreads, 0, stream>>>(c, static_cast<int32_t>(num_groups), vectorize, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

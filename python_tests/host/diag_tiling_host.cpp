@@ -11,7 +11,7 @@
 // - the shared-memory window is window_bytes(geo) between two guard regions, and is NaN-filled
 //   before every tile: a write outside it fails here, a phase-2 read of an element phase 1 did not
 //   write (or wrote for another tile) gives a NaN output;
-// - every vector store of store_item is 16-byte aligned (DRS_DIAG_VEC_STORE_HOOK), as the device
+// - every vector store of store_item is 16-byte aligned (DRS_VEC_ACCESS_HOOK), as the device
 //   needs, given an output that starts 16-byte aligned (as the CUDA allocator's do);
 // - the window fits the 48 KiB of dynamic shared memory a launch gets without opting in.
 #include <ATen/Dispatch_v2.h>
@@ -34,20 +34,21 @@
 
 namespace drs_host_tiling {
 
-// Vector stores of store_item seen through the hook. A misaligned one is an error here, before
-// the store: the host compiler emits an aligned store for the 16-byte-aligned Vec too, which
-// would crash the test process instead of failing the test.
+// Vector stores of store_item seen through the hook (the diag kernel's only vector accesses). A
+// misaligned one is an error here, before the store: the host compiler emits an aligned store for
+// the 16-byte-aligned Vec too, which would crash the test process instead of failing the test.
 inline int64_t vec_stores = 0;
 
-inline void record_vec_store(const void* ptr) {
+inline void record_vec_store(const void* ptr, size_t bytes) {
   ++vec_stores;
+  TORCH_CHECK(bytes == 16, "diag tiling: a vector store of ", bytes, " bytes, not 16");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0,
               "diag tiling: a vector store to an address that is not 16-byte aligned (", ptr, ")");
 }
 
 }  // namespace drs_host_tiling
 
-#define DRS_DIAG_VEC_STORE_HOOK(ptr) ::drs_host_tiling::record_vec_store(ptr)
+#define DRS_VEC_ACCESS_HOOK(ptr, bytes) ::drs_host_tiling::record_vec_store(ptr, bytes)
 
 #include "noisy_views_args.h"
 #include "noisy_views_diag.cuh"
@@ -133,7 +134,7 @@ void run_planes(const Run& r, const Geometry& geo, uint64_t shuffle_seed, out_t*
     const int64_t id = r.stream[image];
     TORCH_CHECK(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
                 "noisy_views: stream ids must lie in [0, 2^32)");
-    const drs_ext::diag::Draw d{r.args.key0,
+    const drs_ext::Draw d{r.args.key0,
                                 r.args.key1,
                                 r.offset + static_cast<uint64_t>(plane - image_branch * r.num),
                                 static_cast<uint32_t>(branch),

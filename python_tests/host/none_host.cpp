@@ -1,0 +1,125 @@
+// The CUDA kernel noisy_views for partition "none" (csrc/cuda/noisy_views_kernel.cu) run on the
+// host, for python_tests/test_cuda_none_host.py: CI has no GPU, so this runs the kernel's
+// per-thread code, none::write_group of csrc/cuda/noisy_views_none.cuh, for every element group
+// of every plane, with the launcher's choice of the vector path (none::can_vectorize). Built by
+// torch.utils.cpp_extension.load; registers torch.ops.drs_host_none.run.
+//
+// Besides the output it checks what a comparison of values cannot see: the output sits between
+// two guard regions and starts filled with a NaN sentinel (a write outside it fails here, an
+// output never written stays NaN), and every vector load and store is aligned to its size, given
+// an output that starts 16-byte aligned (as the CUDA allocator's do).
+#include <ATen/Dispatch_v2.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+namespace drs_host_none {
+
+// Vector loads and stores seen through the hook. A misaligned one is an error here, before the
+// access: the host compiler emits aligned accesses for the aligned Vec too, which would crash
+// the test process instead of failing the test.
+inline int64_t vec_accesses = 0;
+
+inline void record_vec_access(const void* ptr, size_t bytes) {
+  ++vec_accesses;
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % bytes == 0, "none kernel: a vector access of ",
+              bytes, " bytes to an address not aligned to it (", ptr, ")");
+}
+
+}  // namespace drs_host_none
+
+#define DRS_VEC_ACCESS_HOOK(ptr, bytes) ::drs_host_none::record_vec_access(ptr, bytes)
+
+#include "noisy_views_args.h"
+#include "noisy_views_none.cuh"
+
+namespace drs_host_none {
+namespace {
+
+// Guards of 64 elements on each side of the output: 16 bytes for every output dtype, so the
+// output keeps the 16-byte alignment of its allocation.
+constexpr int64_t kGuard = 64;
+// All-ones bytes: a NaN in float32, float16 and bfloat16, and not a NaN that arithmetic produces.
+constexpr unsigned char kSentinelByte = 0xff;
+
+bool all_sentinel(const void* begin, size_t bytes) {
+  const auto* p = static_cast<const unsigned char*>(begin);
+  return std::all_of(p, p + bytes, [](unsigned char b) { return b == kSentinelByte; });
+}
+
+// (out, stats [vector accesses, vector path chosen]).
+std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double> sigma,
+                                       int64_t num, int64_t seed, int64_t offset,
+                                       const at::Tensor& stream,
+                                       std::optional<at::ScalarType> out_dtype) {
+  // The real op's argument checks and seed split (key0, key1).
+  const drs_ext::NoisyViewsArgs args = drs_ext::check_noisy_views_args(
+      x, sigma, num, seed, offset, stream, "none", "neighbors", out_dtype);
+  TORCH_CHECK(x.device().is_cpu() && stream.device().is_cpu(), "none kernel: CPU tensors only");
+  const int64_t images = x.size(0), plane_size = x.numel() / std::max<int64_t>(images, 1);
+  TORCH_CHECK(plane_size <= std::numeric_limits<int32_t>::max() - 64,
+              "none kernel: an image may hold at most 2^31 - 65 elements");
+  const at::Tensor x_c = x.contiguous();  // keeps the offset of a contiguous view, as the op does
+  const at::Tensor stream_c = stream.contiguous();
+  const float* x_ptr = x_c.data_ptr<float>();
+  const int64_t* ids = stream_c.data_ptr<int64_t>();
+  const int64_t planes = images * num, numel = planes * plane_size;
+  const bool vectorize = drs_ext::none::can_vectorize(x_ptr, static_cast<int32_t>(plane_size));
+  at::Tensor buffer = at::empty({numel + 2 * kGuard}, x.options().dtype(args.out_dtype));
+  AT_DISPATCH_V2(
+      args.out_dtype, "none_host", AT_WRAP([&] {
+        scalar_t* base = buffer.data_ptr<scalar_t>();
+        std::memset(base, kSentinelByte, buffer.nbytes());
+        scalar_t* out = base + kGuard;
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(out) % 16 == 0,
+                    "none kernel: the output must start 16-byte aligned");
+        vec_accesses = 0;
+        for (int64_t plane = 0; plane < planes; ++plane) {
+          // The kernel's locate() with one branch: plane = image * num + s.
+          const int64_t image = plane / num;
+          const int64_t id = ids[image];
+          TORCH_CHECK(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
+                      "noisy_views: stream ids must lie in [0, 2^32)");
+          const drs_ext::Draw d{args.key0,
+                                args.key1,
+                                static_cast<uint64_t>(offset) + static_cast<uint64_t>(plane % num),
+                                0,
+                                static_cast<uint32_t>(id),
+                                args.sigma[0]};
+          for (int64_t g = 0; g < args.num_groups; ++g) {
+            drs_ext::none::write_group(d, x_ptr + image * plane_size, static_cast<int32_t>(g),
+                                       static_cast<int32_t>(plane_size), vectorize,
+                                       out + plane * plane_size);
+          }
+        }
+        const size_t guard_bytes = kGuard * sizeof(scalar_t);
+        TORCH_CHECK(all_sentinel(base, guard_bytes) && all_sentinel(out + numel, guard_bytes),
+                    "none kernel: a write outside the output");
+      }),
+      at::kFloat, at::kHalf, at::kBFloat16);
+  std::vector<int64_t> shape = {images, 1, num};
+  for (int64_t d = 1; d < x.dim(); ++d) shape.push_back(x.size(d));
+  const at::Tensor stats = at::tensor({vec_accesses, static_cast<int64_t>(vectorize)}, at::kLong);
+  return {buffer.narrow(0, kGuard, numel).view(shape), stats};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(drs_host_none, m) {
+  m.def(
+      "run(Tensor x, float[] sigma, int num, int seed, int offset, Tensor stream, "
+      "ScalarType? out_dtype) -> (Tensor, Tensor)",
+      &run);
+}
+
+}  // namespace drs_host_none
