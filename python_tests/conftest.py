@@ -8,9 +8,11 @@ never stored outputs of our own kernels.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 import drs_ext
 
@@ -27,6 +29,22 @@ def _seed_torch() -> Iterator[None]:
     torch.manual_seed(0)
     yield
     torch.random.set_rng_state(state)
+
+
+def load_host_harness(source: str, namespace: str, build_dir: Path) -> object:
+    """torch.ops.<namespace>, registered by python_tests/host/<source>: a host run of CUDA
+    device code, compiled with the kernels' include paths (csrc, csrc/include, csrc/cuda)."""
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    cpp_extension.load(
+        name=namespace,
+        sources=[str(Path(__file__).resolve().parent / "host" / source)],
+        extra_include_paths=[str(csrc), str(csrc / "include"), str(csrc / "cuda")],
+        extra_cflags=["-O2", "-std=c++20"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    return getattr(torch.ops, namespace)
 
 
 def make_generator(seed: int) -> torch.Generator:

@@ -12,19 +12,21 @@ output, an output never written (NaN-filled output) and a vector access not alig
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import assert_close_to, assert_within_ulp, parity_atol, random_images, reference_atol
+from conftest import (
+    assert_close_to,
+    assert_within_ulp,
+    load_host_harness,
+    parity_atol,
+    random_images,
+    reference_atol,
+)
 from test_cuda import NONE_SHAPES as CUDA_NONE_SHAPES
-from torch.utils import cpp_extension
 
 import drs_ext  # noqa: F401  (registers torch.ops.drs_ext)
 from drs_ext import reference
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-HARNESS = Path(__file__).resolve().parent / "host" / "none_host.cpp"
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 # test_cuda.py's shapes, plus C·H·W below one group (3) and a multiple of 4 with N > 1.
 SHAPES: list[tuple[int, int, int, int]] = [*CUDA_NONE_SHAPES, (1, 1, 1, 3), (3, 2, 2, 6)]
@@ -34,16 +36,9 @@ SIGMA, SEED, OFFSET = [0.5], 20240611, 5
 @pytest.fixture(scope="module")
 def none_kernel(tmp_path_factory: pytest.TempPathFactory) -> object:
     """torch.ops.drs_host_none, compiled from the harness once for this module."""
-    cpp_extension.load(
-        name="drs_host_none",
-        sources=[str(HARNESS)],
-        extra_include_paths=[str(CSRC), str(CSRC / "include"), str(CSRC / "cuda")],
-        extra_cflags=["-O2", "-std=c++20"],
-        build_directory=str(tmp_path_factory.mktemp("none_host")),
-        is_python_module=False,
-        verbose=False,
+    return load_host_harness(
+        "none_host.cpp", "drs_host_none", tmp_path_factory.mktemp("drs_host_none")
     )
-    return torch.ops.drs_host_none
 
 
 def inputs(shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, int, torch.Tensor]:

@@ -15,26 +15,21 @@ written (NaN-filled output), and on a vector store that is not 16-byte aligned.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import (
     FILLS,
     assert_close_to,
     assert_within_ulp,
+    load_host_harness,
     parity_atol,
     random_images,
     reference_atol,
 )
 from test_cuda import DIAG_SHAPES as CUDA_DIAG_SHAPES
-from torch.utils import cpp_extension
 
 import drs_ext  # noqa: F401  (registers torch.ops.drs_ext)
 from drs_ext import reference
-
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-HARNESS = Path(__file__).resolve().parent / "host" / "diag_tiling_host.cpp"
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 # test_cuda.py's shapes, plus (tiling in csrc/cuda/noisy_views_diag.cuh):
@@ -63,16 +58,9 @@ STATS = (
 @pytest.fixture(scope="module")
 def tiling(tmp_path_factory: pytest.TempPathFactory) -> object:
     """torch.ops.drs_host_tiling, compiled from the harness once for this module."""
-    cpp_extension.load(
-        name="drs_host_tiling",
-        sources=[str(HARNESS)],
-        extra_include_paths=[str(CSRC), str(CSRC / "include"), str(CSRC / "cuda")],
-        extra_cflags=["-O2", "-std=c++20"],
-        build_directory=str(tmp_path_factory.mktemp("diag_tiling_host")),
-        is_python_module=False,
-        verbose=False,
+    return load_host_harness(
+        "diag_tiling_host.cpp", "drs_host_tiling", tmp_path_factory.mktemp("drs_host_tiling")
     )
-    return torch.ops.drs_host_tiling
 
 
 def inputs(shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, int, torch.Tensor]:

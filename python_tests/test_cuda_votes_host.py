@@ -12,17 +12,13 @@ harness also reports warp-wide calls that the 32 lanes do not make together.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_host_harness
 from test_cuda import bincount_votes, tied_logits
-from torch.utils import cpp_extension
 
 import drs_ext
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-HARNESS = Path(__file__).resolve().parent / "host" / "vote_counts_host.cpp"
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 STATS = ("divergent", "warp_calls", "grid_x", "grid_y", "lanes")
 
@@ -30,16 +26,9 @@ STATS = ("divergent", "warp_calls", "grid_x", "grid_y", "lanes")
 @pytest.fixture(scope="module")
 def votes(tmp_path_factory: pytest.TempPathFactory) -> object:
     """torch.ops.drs_host_votes, compiled from the harness once for this module."""
-    cpp_extension.load(
-        name="drs_host_votes",
-        sources=[str(HARNESS)],
-        extra_include_paths=[str(CSRC), str(CSRC / "include"), str(CSRC / "cuda")],
-        extra_cflags=["-O2", "-std=c++20"],
-        build_directory=str(tmp_path_factory.mktemp("vote_counts_host")),
-        is_python_module=False,
-        verbose=False,
+    return load_host_harness(
+        "vote_counts_host.cpp", "drs_host_votes", tmp_path_factory.mktemp("drs_host_votes")
     )
-    return torch.ops.drs_host_votes
 
 
 def run_host(

@@ -28,7 +28,6 @@
 #include <algorithm>
 #include <limits>
 
-#include "drs/normal.h"
 #include "drs/partition.h"
 #include "noisy_views_args.h"
 #include "noisy_views_diag.cuh"
