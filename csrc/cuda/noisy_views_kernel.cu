@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
     const Plane q = locate(c, plane);
     const Draw d{c.key0, c.key1, q.sample, static_cast<uint32_t>(q.branch), q.stream,
-                       q.branch == 0 ? c.sigma[0] : c.sigma[1]};
+                 q.branch == 0 ? c.sigma[0] : c.sigma[1]};
     const float* image = c.x + q.image * c.plane_size;
     out_t* dst = out + plane * c.plane_size;
     const int32_t phase = diag::plane_phase<kVec>(plane, c.plane_size);

@@ -135,11 +135,11 @@ void run_planes(const Run& r, const Geometry& geo, uint64_t shuffle_seed, out_t*
     TORCH_CHECK(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
                 "noisy_views: stream ids must lie in [0, 2^32)");
     const drs_ext::Draw d{r.args.key0,
-                                r.args.key1,
-                                r.offset + static_cast<uint64_t>(plane - image_branch * r.num),
-                                static_cast<uint32_t>(branch),
-                                static_cast<uint32_t>(id),
-                                r.args.sigma[branch]};
+                          r.args.key1,
+                          r.offset + static_cast<uint64_t>(plane - image_branch * r.num),
+                          static_cast<uint32_t>(branch),
+                          static_cast<uint32_t>(id),
+                          r.args.sigma[branch]};
     const float* image_x = r.x + image * r.plane_size;
     out_t* dst = out + plane * r.plane_size;
     const int32_t phase = drs_ext::diag::plane_phase<kVec>(plane, r.plane_size);
