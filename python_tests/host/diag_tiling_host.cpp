@@ -52,11 +52,14 @@ inline void record_vec_store(const void* ptr, size_t bytes) {
 
 #include "noisy_views_args.h"
 #include "noisy_views_diag.cuh"
+#include "sentinel.h"
 
 namespace drs_host_tiling {
 namespace {
 
 using drs_ext::diag::Geometry;
+using drs_host::all_sentinel;
+using drs_host::kSentinelByte;
 using drs_ext::diag::Tile;
 
 // Guards on each side of the output and of the window: longer than what they guard (a stray
@@ -64,16 +67,9 @@ using drs_ext::diag::Tile;
 // elements, 16 bytes for every output dtype, so the output keeps the 16-byte alignment of its
 // allocation.
 int64_t guard_len(int64_t len) { return (len + 127) / 64 * 64; }
-// All-ones bytes: a NaN in float32, float16 and bfloat16, and not a NaN that arithmetic produces.
-constexpr unsigned char kSentinelByte = 0xff;
 // Dynamic shared memory a launch gets without raising the kernel's
 // cudaFuncAttributeMaxDynamicSharedMemorySize (launch_diag does not).
 constexpr size_t kMaxWindowBytes = 48 * 1024;
-
-bool all_sentinel(const void* begin, size_t bytes) {
-  const auto* p = static_cast<const unsigned char*>(begin);
-  return std::all_of(p, p + bytes, [](unsigned char b) { return b == kSentinelByte; });
-}
 
 // run_items of diag::run_tile on the host: every item once, in a fresh random order per phase.
 // Returning is the barrier.

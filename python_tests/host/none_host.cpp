@@ -42,20 +42,17 @@ inline void record_vec_access(const void* ptr, size_t bytes) {
 
 #include "noisy_views_args.h"
 #include "noisy_views_none.cuh"
+#include "sentinel.h"
 
 namespace drs_host_none {
 namespace {
 
+using drs_host::all_sentinel;
+using drs_host::kSentinelByte;
+
 // Guards of 64 elements on each side of the output: 16 bytes for every output dtype, so the
 // output keeps the 16-byte alignment of its allocation.
 constexpr int64_t kGuard = 64;
-// All-ones bytes: a NaN in float32, float16 and bfloat16, and not a NaN that arithmetic produces.
-constexpr unsigned char kSentinelByte = 0xff;
-
-bool all_sentinel(const void* begin, size_t bytes) {
-  const auto* p = static_cast<const unsigned char*>(begin);
-  return std::all_of(p, p + bytes, [](unsigned char b) { return b == kSentinelByte; });
-}
 
 // (out, stats [vector accesses, vector path chosen]).
 std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double> sigma,
