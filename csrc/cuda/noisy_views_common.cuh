@@ -1,11 +1,17 @@
-// What the two noisy_views kernels (noisy_views_diag.cuh, noisy_views_none.cuh) share: the noise
-// parameters of one output plane, and aligned vectors for their wide loads and stores.
+// What the two noisy_views kernels (noisy_views_diag.cuh, noisy_views_none.cuh) share: the
+// launch's fields, where each output plane's image and noise come from, and aligned vectors for
+// their wide loads and stores. The host runs of the kernels (python_tests/host/*_host.cpp) use
+// the same Common and locate, so they map planes exactly as the kernels do.
 #pragma once
+
+#include <c10/macros/Macros.h>
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "drs/philox.h"  // DRS_HOST_DEVICE
+#include "noisy_views_args.h"
 
 // Hook called with the address and size of every vector load and store. The host runs of the
 // kernels (python_tests/host/*_host.cpp) define it before including the kernel headers, to check
@@ -23,6 +29,56 @@ struct Draw {
   uint32_t branch, stream;
   float sigma;
 };
+
+// Fields of one launch. A plane is one (n, p, s): C·H·W outputs.
+struct Common {
+  const float* x;          // (N, C, H, W), contiguous
+  const int64_t* stream;   // (N,)
+  uint32_t key0, key1;     // seed
+  float sigma[2];          // per branch
+  uint64_t offset;         // index of sample 0
+  int64_t num;             // samples per (image, branch)
+  int64_t branches;
+  int64_t planes;          // N * branches * num
+  int32_t plane_size;      // C·H·W
+};
+
+inline Common make_common(const NoisyViewsArgs& args, const float* x, const int64_t* stream,
+                          int64_t images, int32_t plane_size, int64_t num, int64_t offset) {
+  return Common{x,
+                stream,
+                args.key0,
+                args.key1,
+                {args.sigma[0], args.sigma[1]},
+                static_cast<uint64_t>(offset),
+                num,
+                args.branches,
+                images * args.branches * num,
+                plane_size};
+}
+
+struct Plane {
+  int64_t image;
+  int branch;
+  Draw draw;
+};
+
+// Plane `plane` = (image * branches + branch) * num + s of the output: its image and its noise.
+DRS_HOST_DEVICE Plane locate(const Common& c, int64_t plane) {
+  const int64_t image_branch = plane / c.num;
+  const int64_t image = image_branch / c.branches;
+  const int branch = static_cast<int>(image_branch - image * c.branches);
+  const int64_t id = c.stream[image];
+  CUDA_KERNEL_ASSERT_MSG(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
+                         "noisy_views: stream ids must lie in [0, 2^32)");
+  const Draw d{c.key0,
+               c.key1,
+               c.offset + static_cast<uint64_t>(plane - image_branch * c.num),
+               static_cast<uint32_t>(branch),
+               static_cast<uint32_t>(id),
+               branch == 0 ? c.sigma[0] : c.sigma[1]};
+  return Plane{image, branch, d};
+}
 
 // kVec consecutive elements moved as one aligned vector (one load or store instruction).
 template <typename T, int kVec>

@@ -40,39 +40,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 
-// Fields shared by both kernels. A plane is one (n, p, s): C·H·W outputs.
-struct Common {
-  const float* x;          // (N, C, H, W), contiguous
-  const int64_t* stream;   // (N,)
-  uint32_t key0, key1;     // seed
-  float sigma[2];          // per branch
-  uint64_t offset;         // index of sample 0
-  int64_t num;             // samples per (image, branch)
-  int64_t branches;
-  int64_t planes;          // N * branches * num
-  int32_t plane_size;      // C·H·W
-};
-
-struct Plane {
-  int64_t image;
-  int branch;
-  uint64_t sample;
-  uint32_t stream;
-};
-
-__device__ __forceinline__ Plane locate(const Common& c, int64_t plane) {
-  Plane q;
-  const int64_t image_branch = plane / c.num;
-  q.sample = c.offset + static_cast<uint64_t>(plane - image_branch * c.num);
-  q.image = image_branch / c.branches;
-  q.branch = static_cast<int>(image_branch - q.image * c.branches);
-  const int64_t id = c.stream[q.image];
-  CUDA_KERNEL_ASSERT_MSG(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
-                         "noisy_views: stream ids must lie in [0, 2^32)");
-  q.stream = static_cast<uint32_t>(id);
-  return q;
-}
-
 // ---------------------------------------------------------------------------------------------
 // partition "none": a thread per element group (noisy_views_none.cuh).
 
@@ -82,13 +49,11 @@ __global__ void __launch_bounds__(kThreads)
                             out_t* __restrict__ out) {
   for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
     const Plane q = locate(c, plane);
-    const Draw d{c.key0, c.key1, q.sample, static_cast<uint32_t>(q.branch), q.stream,
-                 q.branch == 0 ? c.sigma[0] : c.sigma[1]};
     const float* image = c.x + q.image * c.plane_size;
     out_t* dst = out + plane * c.plane_size;
     for (int32_t g = blockIdx.y * blockDim.x + threadIdx.x; g < num_groups;
          g += gridDim.y * blockDim.x) {
-      none::write_group(d, image, g, c.plane_size, vectorize, dst);
+      none::write_group(q.draw, image, g, c.plane_size, vectorize, dst);
     }
   }
 }
@@ -113,13 +78,11 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ float window[];
   for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
     const Plane q = locate(c, plane);
-    const Draw d{c.key0, c.key1, q.sample, static_cast<uint32_t>(q.branch), q.stream,
-                 q.branch == 0 ? c.sigma[0] : c.sigma[1]};
     const float* image = c.x + q.image * c.plane_size;
     out_t* dst = out + plane * c.plane_size;
     const int32_t phase = diag::plane_phase<kVec>(plane, c.plane_size);
     for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
-      diag::run_tile<kFill, out_t, kVec>(geo, tile, d, image, phase, q.branch, window, dst,
+      diag::run_tile<kFill, out_t, kVec>(geo, tile, q.draw, image, phase, q.branch, window, dst,
                                          BlockItems{});
     }
   }
@@ -183,18 +146,8 @@ at::Tensor noisy_views_cuda(const at::Tensor& x, at::ArrayRef<double> sigma, int
                              x.options().dtype(args.out_dtype));
   if (out.numel() == 0) return out;
 
-  Common c;
-  c.x = x_c.data_ptr<float>();
-  c.stream = stream_c.data_ptr<int64_t>();
-  c.key0 = args.key0;
-  c.key1 = args.key1;
-  c.sigma[0] = args.sigma[0];
-  c.sigma[1] = args.sigma[1];
-  c.offset = static_cast<uint64_t>(offset);
-  c.num = num;
-  c.branches = args.branches;
-  c.planes = images * args.branches * num;
-  c.plane_size = static_cast<int32_t>(plane_size);
+  const Common c = make_common(args, x_c.data_ptr<float>(), stream_c.data_ptr<int64_t>(), images,
+                                static_cast<int32_t>(plane_size), num, offset);
   const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(
       args.out_dtype, "noisy_views_cuda", AT_WRAP([&] {

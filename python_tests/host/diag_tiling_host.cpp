@@ -101,17 +101,8 @@ enum Stat : int {
   kNumStats
 };
 
-struct Run {
-  const float* x;
-  const int64_t* stream;
-  drs_ext::NoisyViewsArgs args;
-  uint64_t offset;
-  int64_t num, planes;
-  int32_t plane_size;
-};
-
 template <drs::Fill kFill, typename out_t, int kVec>
-void run_planes(const Run& r, const Geometry& geo, uint64_t shuffle_seed, out_t* out,
+void run_planes(const drs_ext::Common& c, const Geometry& geo, uint64_t shuffle_seed, out_t* out,
                 int64_t* stats) {
   const size_t window_floats = drs_ext::diag::window_bytes(geo) / sizeof(float);
   const size_t guard = static_cast<size_t>(guard_len(static_cast<int64_t>(window_floats)));
@@ -121,32 +112,19 @@ void run_planes(const Run& r, const Geometry& geo, uint64_t shuffle_seed, out_t*
   std::mt19937_64 rng(shuffle_seed);
   std::vector<int32_t> order, tiles(static_cast<size_t>(geo.tiles));
   const ShuffledItems run_items{&rng, &order};
-  const int branches = r.args.branches;
-  for (int64_t plane = 0; plane < r.planes; ++plane) {
-    // The kernel's locate(): plane = (image * branches + branch) * num + s.
-    const int64_t image_branch = plane / r.num;
-    const int64_t image = image_branch / branches;
-    const int branch = static_cast<int>(image_branch % branches);
-    const int64_t id = r.stream[image];
-    TORCH_CHECK(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
-                "noisy_views: stream ids must lie in [0, 2^32)");
-    const drs_ext::Draw d{r.args.key0,
-                          r.args.key1,
-                          r.offset + static_cast<uint64_t>(plane - image_branch * r.num),
-                          static_cast<uint32_t>(branch),
-                          static_cast<uint32_t>(id),
-                          r.args.sigma[branch]};
-    const float* image_x = r.x + image * r.plane_size;
-    out_t* dst = out + plane * r.plane_size;
-    const int32_t phase = drs_ext::diag::plane_phase<kVec>(plane, r.plane_size);
+  for (int64_t plane = 0; plane < c.planes; ++plane) {
+    const drs_ext::Plane q = drs_ext::locate(c, plane);
+    const float* image_x = c.x + q.image * c.plane_size;
+    out_t* dst = out + plane * c.plane_size;
+    const int32_t phase = drs_ext::diag::plane_phase<kVec>(plane, c.plane_size);
     stats[kPhasedPlanes] += phase != 0;
     // Blocks run their tiles in any order too.
     std::iota(tiles.begin(), tiles.end(), 0);
     std::shuffle(tiles.begin(), tiles.end(), rng);
     for (const int32_t tile : tiles) {
       std::fill(window, window + window_floats, std::numeric_limits<float>::quiet_NaN());
-      drs_ext::diag::run_tile<kFill, out_t, kVec>(geo, tile, d, image_x, phase, branch, window,
-                                                  dst, run_items);
+      drs_ext::diag::run_tile<kFill, out_t, kVec>(geo, tile, q.draw, image_x, phase, q.branch,
+                                                  window, dst, run_items);
       TORCH_CHECK(all_sentinel(window_buf.data(), guard * sizeof(float)) &&
                       all_sentinel(window + window_floats, guard * sizeof(float)),
                   "diag tiling: a write outside the shared-memory window (tile ", tile,
@@ -177,10 +155,10 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
               "diag tiling: an image may hold at most 2^31 - 65 elements");
   const at::Tensor x_c = x.contiguous();
   const at::Tensor stream_c = stream.contiguous();
-  const Run r{x_c.data_ptr<float>(), stream_c.data_ptr<int64_t>(), args,
-              static_cast<uint64_t>(offset), num, images * args.branches * num,
-              static_cast<int32_t>(plane_size)};
-  const int64_t numel = r.planes * plane_size;
+  const drs_ext::Common c =
+      drs_ext::make_common(args, x_c.data_ptr<float>(), stream_c.data_ptr<int64_t>(), images,
+                           static_cast<int32_t>(plane_size), num, offset);
+  const int64_t numel = c.planes * plane_size;
   const int64_t guard = guard_len(plane_size);
   at::Tensor buffer = at::empty({numel + 2 * guard}, x.options().dtype(args.out_dtype));
   at::Tensor stats = at::zeros({kNumStats}, x.options().dtype(at::kLong));
@@ -204,16 +182,16 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
         const auto seed_u = static_cast<uint64_t>(shuffle_seed);
         switch (args.fill) {
           case drs::Fill::kNeighbors:
-            run_planes<drs::Fill::kNeighbors, scalar_t, kVec>(r, geo, seed_u, out, st);
+            run_planes<drs::Fill::kNeighbors, scalar_t, kVec>(c, geo, seed_u, out, st);
             break;
           case drs::Fill::kPair:
-            run_planes<drs::Fill::kPair, scalar_t, kVec>(r, geo, seed_u, out, st);
+            run_planes<drs::Fill::kPair, scalar_t, kVec>(c, geo, seed_u, out, st);
             break;
           case drs::Fill::kBilinear:
-            run_planes<drs::Fill::kBilinear, scalar_t, kVec>(r, geo, seed_u, out, st);
+            run_planes<drs::Fill::kBilinear, scalar_t, kVec>(c, geo, seed_u, out, st);
             break;
           case drs::Fill::kZeros:
-            run_planes<drs::Fill::kZeros, scalar_t, kVec>(r, geo, seed_u, out, st);
+            run_planes<drs::Fill::kZeros, scalar_t, kVec>(c, geo, seed_u, out, st);
             break;
         }
         st[kVecStores] = vec_stores;

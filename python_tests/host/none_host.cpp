@@ -68,10 +68,11 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
               "none kernel: an image may hold at most 2^31 - 65 elements");
   const at::Tensor x_c = x.contiguous();  // keeps the offset of a contiguous view, as the op does
   const at::Tensor stream_c = stream.contiguous();
-  const float* x_ptr = x_c.data_ptr<float>();
-  const int64_t* ids = stream_c.data_ptr<int64_t>();
-  const int64_t planes = images * num, numel = planes * plane_size;
-  const bool vectorize = drs_ext::none::can_vectorize(x_ptr, static_cast<int32_t>(plane_size));
+  const drs_ext::Common c =
+      drs_ext::make_common(args, x_c.data_ptr<float>(), stream_c.data_ptr<int64_t>(), images,
+                           static_cast<int32_t>(plane_size), num, offset);
+  const int64_t numel = c.planes * plane_size;
+  const bool vectorize = drs_ext::none::can_vectorize(c.x, c.plane_size);
   at::Tensor buffer = at::empty({numel + 2 * kGuard}, x.options().dtype(args.out_dtype));
   AT_DISPATCH_V2(
       args.out_dtype, "none_host", AT_WRAP([&] {
@@ -81,22 +82,12 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
         TORCH_CHECK(reinterpret_cast<uintptr_t>(out) % 16 == 0,
                     "none kernel: the output must start 16-byte aligned");
         vec_accesses = 0;
-        for (int64_t plane = 0; plane < planes; ++plane) {
-          // The kernel's locate() with one branch: plane = image * num + s.
-          const int64_t image = plane / num;
-          const int64_t id = ids[image];
-          TORCH_CHECK(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
-                      "noisy_views: stream ids must lie in [0, 2^32)");
-          const drs_ext::Draw d{args.key0,
-                                args.key1,
-                                static_cast<uint64_t>(offset) + static_cast<uint64_t>(plane % num),
-                                0,
-                                static_cast<uint32_t>(id),
-                                args.sigma[0]};
+        for (int64_t plane = 0; plane < c.planes; ++plane) {
+          const drs_ext::Plane q = drs_ext::locate(c, plane);
           for (int64_t g = 0; g < args.num_groups; ++g) {
-            drs_ext::none::write_group(d, x_ptr + image * plane_size, static_cast<int32_t>(g),
-                                       static_cast<int32_t>(plane_size), vectorize,
-                                       out + plane * plane_size);
+            drs_ext::none::write_group(q.draw, c.x + q.image * c.plane_size,
+                                       static_cast<int32_t>(g), c.plane_size, vectorize,
+                                       out + plane * c.plane_size);
           }
         }
         const size_t guard_bytes = kGuard * sizeof(scalar_t);
