@@ -2,7 +2,8 @@
 
 CI has no GPU, so test_cuda.py never runs there. The per-block code of the CUDA kernel
 noisy_views for partition "diag", diag::run_tile in csrc/cuda/noisy_views_diag.cuh (tiles of the
-packed plane drawn into a shared-memory window with their halo, then expanded by the fill), is
+packed plane drawn into a shared-memory window with their halo, then expanded by the fill: items
+of 8 outputs inside one row through diag::fill_slot, the others pixel by pixel), is
 plain DRS_HOST_DEVICE C++: python_tests/host/diag_tiling_host.cpp compiles it for the host and
 runs it plane by plane, tile by tile, with the items of each phase in a shuffled order (the
 threads of a block run them in any order between two barriers). Its output must equal the CPU
@@ -39,8 +40,11 @@ SHAPES: list[tuple[int, int, int, int]] = [
     (1, 2, 50, 300),  # column tiles (2 x 75) and row tiles of 54: spanning a channel, halo rows
     (1, 2, 32, 512),  # column tiles (2 x 128) and row tiles of 32 rows = one channel each
     (1, 1, 4100, 2),  # W/2 = 1: row tiles of 4096 rows, the second starting inside the channel
+    (1, 2, 1, 16),  # H = 1: fill_slot's dropped pixels have no neighbour above or below
+    (1, 1, 2, 24),  # H = 2: one vertical neighbour each, the "neighbors" divisor 3 inside a row
 ]
 SIGMA = [0.25, 0.75]
+ITEM_OUTPUTS = 8  # diag::kItemOutputs: outputs per phase-2 item
 SEED, OFFSET = 20240611, 5
 STATS = (
     "vec_stores",
@@ -52,6 +56,7 @@ STATS = (
     "channel_edge",
     "col_halo",
     "phased_planes",
+    "fill_slots",
 )
 
 
@@ -110,7 +115,7 @@ def test_host_tiling_equals_cpu_kernel(tiling: object, fill: str, out_dtype: tor
         else:
             assert_within_ulp(host, cpu, parity_atol(x, SIGMA))
             # The cast comes last: the 16-bit output is the float32 one rounded, also when the
-            # vector slots (8 outputs instead of 4) fall differently.
+            # vector stores (8 outputs instead of 4) fall differently.
             host32, _ = run_host(tiling, x, num, stream, fill, torch.float32)
             assert torch.equal(host, host32.to(out_dtype))
 
@@ -148,6 +153,11 @@ def test_shapes_reach_every_tiling_case(tiling: object) -> None:
             out, stats = run_host(tiling, x, num, stream, "neighbors", out_dtype)
             vec = 16 // out.element_size()
             stats["element_stores"] = out.numel() - vec * stats["vec_stores"]
+            # Outputs filled pixel by pixel (fill_pixel), and vector stores among them (of an
+            # item spanning two rows). fill_slot fills items of ITEM_OUTPUTS outputs.
+            stats["pixel_outputs"] = out.numel() - ITEM_OUTPUTS * stats["fill_slots"]
+            slot_stores = ITEM_OUTPUTS // vec * stats["fill_slots"]
+            stats["pixel_vec_stores"] = stats["vec_stores"] - slot_stores
             stats["col_tiled"] = int(stats["col_tiles"] > 1)
             stats["row_tiled"] = int(stats["tiles"] > stats["col_tiles"])
             assert stats["window_bytes"] <= 48 * 1024
@@ -166,8 +176,13 @@ def test_shapes_reach_every_tiling_case(tiling: object) -> None:
     assert reached(col_tiled=True, row_tiled=False, col_halo=True)
     assert reached(col_tiled=True, row_tiled=True, col_halo=True, span_channels=True, row_halo=True)
     assert reached(col_tiled=True, channel_edge=True)
-    # Planes at a non-zero phase, vector stores and element-wise stores, for every dtype.
+    # Planes at a non-zero phase, vector stores and element-wise stores, items through fill_slot
+    # and pixel by pixel (vector stores among them), for every dtype.
+    keys = ("phased_planes", "vec_stores", "element_stores", "fill_slots", "pixel_outputs")
     for out_dtype in DTYPES:
         stats = [s for (d, _), s in seen.items() if d == out_dtype]
-        for key in ("phased_planes", "vec_stores", "element_stores"):
+        for key in (*keys, "pixel_vec_stores"):
             assert any(s[key] > 0 for s in stats), (out_dtype, key)
+    # fill_slot without vertical neighbours (H = 1) and with one (H = 2).
+    for shape in ((1, 2, 1, 16), (1, 1, 2, 24)):
+        assert seen[torch.float32, shape]["fill_slots"] > 0, shape

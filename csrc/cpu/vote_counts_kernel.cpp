@@ -16,8 +16,8 @@ namespace {
 
 at::Tensor vote_counts_cpu(const at::Tensor& logits) {
   check_vote_counts_args(logits);
-  TORCH_CHECK(logits.device().is_cpu(), "vote_counts (CPU kernel): logits must be a CPU tensor, got ",
-              logits.device());
+  TORCH_CHECK(logits.device().is_cpu(),
+              "vote_counts (CPU kernel): logits must be a CPU tensor, got ", logits.device());
   const at::Tensor l = logits.contiguous();
   const int64_t groups = l.size(0), rows = l.size(1), classes = l.size(2);
   at::Tensor counts = at::zeros({groups, classes}, l.options().dtype(at::kLong));

@@ -10,7 +10,7 @@
 #include <cstring>
 #include <limits>
 
-#include "drs/philox.h"  // DRS_HOST_DEVICE
+#include "drs/philox.h"  // DRS_HOST_DEVICE, PhiloxKeys
 #include "noisy_views_args.h"
 
 // Hook called with the address and size of every vector load and store. The host runs of the
@@ -24,7 +24,7 @@ namespace drs_ext {
 
 // The noise of one (n, p, s) plane: eps(seed = key, stream, branch p, sample s) scaled by sigma_p.
 struct Draw {
-  uint32_t key0, key1;
+  const drs::PhiloxKeys* keys;  // the seed's round keys: Common::keys of the launch
   uint64_t sample;
   uint32_t branch, stream;
   float sigma;
@@ -34,7 +34,7 @@ struct Draw {
 struct Common {
   const float* x;          // (N, C, H, W), contiguous
   const int64_t* stream;   // (N,)
-  uint32_t key0, key1;     // seed
+  drs::PhiloxKeys keys;    // round keys of the seed
   float sigma[2];          // per branch
   uint64_t offset;         // index of sample 0
   int64_t num;             // samples per (image, branch)
@@ -47,8 +47,7 @@ inline Common make_common(const NoisyViewsArgs& args, const float* x, const int6
                           int64_t images, int32_t plane_size, int64_t num, int64_t offset) {
   return Common{x,
                 stream,
-                args.key0,
-                args.key1,
+                drs::philox_keys(args.key0, args.key1),
                 {args.sigma[0], args.sigma[1]},
                 static_cast<uint64_t>(offset),
                 num,
@@ -63,21 +62,25 @@ struct Plane {
   Draw draw;
 };
 
-// Plane `plane` = (image * branches + branch) * num + s of the output: its image and its noise.
-DRS_HOST_DEVICE Plane locate(const Common& c, int64_t plane) {
-  const int64_t image_branch = plane / c.num;
-  const int64_t image = image_branch / c.branches;
-  const int branch = static_cast<int>(image_branch - image * c.branches);
+// Plane (row, s) of the output, row = image * branches + branch: its image and its noise.
+DRS_HOST_DEVICE Plane locate(const Common& c, int64_t row, int64_t s) {
+  const int64_t image = row / c.branches;
+  const int branch = static_cast<int>(row - image * c.branches);
   const int64_t id = c.stream[image];
   CUDA_KERNEL_ASSERT_MSG(id >= 0 && id <= std::numeric_limits<uint32_t>::max(),
                          "noisy_views: stream ids must lie in [0, 2^32)");
-  const Draw d{c.key0,
-               c.key1,
-               c.offset + static_cast<uint64_t>(plane - image_branch * c.num),
+  const Draw d{&c.keys,
+               c.offset + static_cast<uint64_t>(s),
                static_cast<uint32_t>(branch),
                static_cast<uint32_t>(id),
                branch == 0 ? c.sigma[0] : c.sigma[1]};
   return Plane{image, branch, d};
+}
+
+// Plane `plane` = row * num + s of the output.
+DRS_HOST_DEVICE Plane locate(const Common& c, int64_t plane) {
+  const int64_t row = plane / c.num;
+  return locate(c, row, plane - row * c.num);
 }
 
 // kVec consecutive elements moved as one aligned vector (one load or store instruction).
@@ -86,24 +89,25 @@ struct alignas(sizeof(T) * kVec) Vec {
   T v[kVec];
 };
 
-// One vector store of v at dst, which must be aligned to sizeof(v). On the device through
-// __stwb (a plain write-back store) of a uint4 / uint2, CUDA's built-in vector types: inside the
-// kernels' loops nvcc 13.0 splits a store of the Vec struct itself into scalar stores (seen in
-// the PTX), a quarter of the width or less. scripts/nvcc_check.sh checks the PTX for the vector
-// stores.
+// One vector store of v at dst, which must be aligned to sizeof(v): on the device a plain (weak,
+// write-back) st.global.v4 / .v2 in inline PTX. Inside the kernels' loops nvcc 13.0 splits a
+// store of the Vec struct, or of a uint4 built from it, into scalar stores (seen in the PTX), a
+// quarter of the width or less; __stwb keeps the width but becomes a strong store
+// (STG.E.128.STRONG.SM in the SASS). scripts/nvcc_check.sh checks the PTX for the vector stores.
 template <typename T, int kVec>
 DRS_HOST_DEVICE void store_vec(T* dst, const Vec<T, kVec>& v) {
   static_assert(sizeof(v) == 16 || sizeof(v) == 8, "vector stores of 8 or 16 bytes");
   DRS_VEC_ACCESS_HOOK(dst, sizeof(v));
 #ifdef __CUDA_ARCH__
   if constexpr (sizeof(v) == 16) {
-    uint4 bits;
-    memcpy(&bits, &v, sizeof(v));
-    __stwb(reinterpret_cast<uint4*>(dst), bits);
+    uint4 b;
+    memcpy(&b, &v, sizeof(v));
+    asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(b.x), "r"(b.y), "r"(b.z),
+        "r"(b.w));
   } else {
-    uint2 bits;
-    memcpy(&bits, &v, sizeof(v));
-    __stwb(reinterpret_cast<uint2*>(dst), bits);
+    uint2 b;
+    memcpy(&b, &v, sizeof(v));
+    asm("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(b.x), "r"(b.y));
   }
 #else
   *reinterpret_cast<Vec<T, kVec>*>(dst) = v;

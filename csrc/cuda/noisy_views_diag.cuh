@@ -4,8 +4,9 @@
 // work on one tile, in two phases separated by barriers:
 //   Phase 1 (draw_item): draw the Philox element groups of the tile and of the halo its fill
 //   reads, add the kept pixels of x, and keep that noisy sub-image window in shared memory.
-//   Phase 2 (store_item): write the tile's full-resolution pixels with drs::fill_pixel on the
-//   window, one aligned vector per item where the output allows.
+//   Phase 2 (store_item): write the tile's full-resolution pixels, the fill applied to the window
+//   (fill_slot, or drs::fill_pixel at the items that straddle rows or the tile's edge), 16
+//   bytes per store where the output allows.
 // An item is one thread's unit of work; items of a phase write disjoint locations, so the kernel
 // runs them in any order between two barriers. The per-block functions are DRS_HOST_DEVICE with
 // no CUDA-only dependency: the kernel runs run_tile with a functor that strides the items of a
@@ -28,6 +29,12 @@
 #include "drs/partition.h"
 #include "noisy_views_common.cuh"
 
+// Hook called at each slot that store_item fills through fill_slot. The host run of the kernel
+// (python_tests/host/diag_tiling_host.cpp) counts them; in the kernel it is empty.
+#ifndef DRS_FILL_SLOT_HOOK
+#define DRS_FILL_SLOT_HOOK()
+#endif
+
 namespace drs_ext {
 namespace diag {
 
@@ -36,10 +43,15 @@ using Divider = at::cuda::detail::IntDivider<uint32_t>;
 constexpr int32_t kTileElems = 4096;   // packed elements a tile aims at (16 KB of floats)
 constexpr int32_t kMaxTileCols = 128;  // wider sub-images are split into column tiles
 
+// Outputs per phase-2 item, aligned to the whole output: two 16-byte vector stores of float32
+// outputs, one of 16-bit outputs. Eight rather than one store's worth of float32, because an
+// item's index math costs as much as filling four outputs.
+constexpr int kItemOutputs = 8;
+
 struct Geometry {
   int32_t height, width, sub_width, plane_rows;  // H, W, W/2, C·H
   int32_t tile_rows, tile_cols, col_tiles, tiles;
-  // Phase 1 walks (segment, group) items and phase 2 (segment, vector slot) items; a segment is
+  // Phase 1 walks (segment, group) items and phase 2 (segment, output item) items; a segment is
   // the whole window (whole-row tiles) or one of its rows (column tiles). The per-segment counts
   // are bounds over all tiles, so every divisor is fixed on the host.
   int32_t draw_items_per_segment, store_items_per_segment;
@@ -47,8 +59,7 @@ struct Geometry {
   Divider draw_items_div, store_items_div;
 };
 
-// `vec`: outputs per vector store (16 bytes of the output dtype).
-inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width, int vec) {
+inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width) {
   Geometry geo;
   geo.height = static_cast<int32_t>(height);
   geo.width = static_cast<int32_t>(width);
@@ -59,12 +70,12 @@ inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width, i
   geo.tile_rows = std::min(geo.plane_rows, std::max(1, kTileElems / geo.tile_cols));
   geo.tiles = (geo.plane_rows + geo.tile_rows - 1) / geo.tile_rows * geo.col_tiles;
   // Longest segment of a window (phase 1, halo included) and of a tile's output (phase 2); a
-  // range of L elements touches at most (L + 3) / 4 + 1 groups and (L + vec - 1) / vec + 1 slots.
+  // range of L elements touches at most (L + 3) / 4 + 1 groups and (L + 7) / 8 + 1 output items.
   const bool whole_rows = geo.col_tiles == 1;
   const int32_t draw_len = whole_rows ? (geo.tile_rows + 2) * geo.sub_width : geo.tile_cols + 2;
   const int32_t store_len = whole_rows ? geo.tile_rows * geo.width : 2 * geo.tile_cols;
   geo.draw_items_per_segment = (draw_len + 3) / 4 + 1;
-  geo.store_items_per_segment = (store_len + vec - 1) / vec + 1;
+  geo.store_items_per_segment = (store_len + kItemOutputs - 1) / kItemOutputs + 1;
   geo.sub_width_div = Divider(geo.sub_width);
   geo.height_div = Divider(geo.height);
   geo.width_div = Divider(geo.width);
@@ -140,14 +151,21 @@ DRS_HOST_DEVICE void draw_item(const Geometry& geo, const Tile& t, int32_t item,
   const int32_t e = 4 * ((e0 >> 2) + static_cast<int32_t>(seg_g.mod));
   if (e >= e0 + t.seg_len) return;
   float z[4];
-  drs::normal4(d.key0, d.key1, static_cast<uint32_t>(e >> 2), d.sample, d.branch, d.stream, z);
+  drs::normal4(*d.keys, static_cast<uint32_t>(e >> 2), d.sample, d.branch, d.stream, z);
   const auto rk = geo.sub_width_div.divmod(static_cast<uint32_t>(e));
   int32_t r = static_cast<int32_t>(rk.div), k = static_cast<int32_t>(rk.mod);
   int32_t i = static_cast<int32_t>(geo.height_div.mod(static_cast<uint32_t>(r)));
+  const int32_t w0 = seg * t.seg_len + (e - e0);  // window index of element e
+  if (e >= e0 && e + 4 <= e0 + t.seg_len && k + 4 <= geo.sub_width) {
+    // The whole group inside the segment and one row: its kept pixels are every other column.
+    const float* kept = image + r * geo.width + drs::kept_column(i, k, static_cast<int>(d.branch));
+    for (int l = 0; l < 4; ++l) window[w0 + l] = kept[2 * l] + d.sigma * z[l];
+    return;
+  }
   for (int l = 0; l < 4; ++l) {
     if (e + l >= e0 && e + l < e0 + t.seg_len) {
       const int32_t col = static_cast<int32_t>(drs::kept_column(i, k, static_cast<int>(d.branch)));
-      window[seg * t.seg_len + (e + l - e0)] = image[r * geo.width + col] + d.sigma * z[l];
+      window[w0 + l] = image[r * geo.width + col] + d.sigma * z[l];
     }
     if (++k == geo.sub_width) {
       k = 0;
@@ -157,24 +175,103 @@ DRS_HOST_DEVICE void draw_item(const Geometry& geo, const Tile& t, int32_t item,
   }
 }
 
-// Offset, in outputs, of plane `plane` (of plane_size outputs) from the previous kVec-aligned
-// output: 0 when the plane starts a vector slot of an output whose first element is aligned.
-template <int kVec>
+// Offset, in outputs, of plane `plane` (of plane_size outputs) from the previous item boundary:
+// 0 when the plane starts an item.
 DRS_HOST_DEVICE int32_t plane_phase(int64_t plane, int32_t plane_size) {
-  return static_cast<int32_t>((plane * plane_size) % kVec);
+  return static_cast<int32_t>((plane * plane_size) % kItemOutputs);
 }
 
-// Phase 2, one item: a vector slot of kVec outputs of one output segment (rows [r0, r1) x columns
-// [2 k0, 2 k1)). Slots are aligned to the whole output: output o of the plane starts a slot when
-// (phase + o) % kVec == 0, phase = plane_phase(plane index, C·H·W). A slot cut by the tile edge is
-// written element by element.
-template <drs::Fill kFill, typename out_t, int kVec>
+// kN outputs j0 .. j0 + kN - 1 of one row, j0 even, j0 + kN <= 2 wp: fill_pixel(sub, height, 2 wp,
+// i, j, branch, kFill) for each j, pair by pair (columns 2t and 2t + 1 share packed column t),
+// with the row's index math and neighbour tests shared by the pairs, 32-bit indices, and no branch
+// on the row's parity: the threads of a warp fill items of rows of both parities, so each output
+// is a select between the kept value and the filled one. "neighbors" sums and divides as the CPU
+// kernel's fill_neighbors_row does (above + below, then left, then right; the divisors 4 and 2 as
+// exact multiplies), so the host run of this code equals the CPU kernel.
+template <drs::Fill kFill, int kN>
+DRS_HOST_DEVICE void fill_slot(const float* sub, int32_t height, int32_t wp, int32_t i, int32_t j0,
+                               int branch, float out[kN]) {
+  static_assert(kN % 2 == 0, "whole pairs");
+  constexpr int kPairs = kN / 2;
+  const float* row = sub + i * wp;
+  const int32_t t0 = j0 >> 1, last = wp - 1;
+  // Packed columns t0 - 1 .. t0 + kPairs: the pairs' own and one on each side, clamped into the
+  // row (read or not).
+  const bool has_prev = t0 > 0, has_next = t0 + kPairs - 1 < last;
+  float r[kPairs + 2];
+  r[0] = row[has_prev ? t0 - 1 : t0];
+  for (int q = 0; q < kPairs; ++q) r[q + 1] = row[t0 + q];
+  r[kPairs + 1] = row[has_next ? t0 + kPairs : t0 + kPairs - 1];
+  // Kept columns are the odd ones (the pair's dropped pixel is its left one) or the even ones.
+  const bool odd_kept = ((i + branch) & 1) != 0;
+  const bool has_up = i > 0, has_down = i + 1 < height;
+  const float* up = has_up ? row - wp : row;
+  const float* down = has_down ? row + wp : row;
+  for (int p = 0; p < kPairs; ++p) {
+    const float prev = r[p], self = r[p + 1], next = r[p + 2];
+    float even = self, odd = self;  // kFill::kPair
+    if constexpr (kFill == drs::Fill::kZeros) {
+      even = odd_kept ? 0.0f : self;
+      odd = odd_kept ? self : 0.0f;
+    } else if constexpr (kFill == drs::Fill::kBilinear) {
+      // Even columns lean on the previous packed column (none at t = 0), odd ones on the next
+      // (the last one itself at the row's end).
+      const float blend = 0.25f * prev + 0.75f * self;
+      even = p > 0 || has_prev ? blend : self;
+      odd = 0.75f * self + 0.25f * (p < kPairs - 1 || has_next ? next : self);
+    } else if constexpr (kFill == drs::Fill::kNeighbors) {
+      const float above = up[t0 + p], below = down[t0 + p], both = above + below;
+      const float vertical = has_up ? (has_down ? both : above) : (has_down ? below : 0.0f);
+      // The dropped pixel's kept neighbour in the row other than this pair's: packed column
+      // t - 1 on its left (an even dropped pixel) or t + 1 on its right (an odd one).
+      const bool has_other = odd_kept ? p > 0 || has_prev : p < kPairs - 1 || has_next;
+      const float left = odd_kept ? prev : self, right = odd_kept ? self : next;
+      const bool has_left = !odd_kept || has_other, has_right = odd_kept || has_other;
+      float sum = has_left ? vertical + left : vertical;
+      sum = has_right ? sum + right : sum;
+      const int count = has_up + has_down + 1 + has_other;
+      float filled = sum * (count == 4 ? 0.25f : 0.5f);
+      if (count & 1) filled = sum / static_cast<float>(count);  // 3 (an edge), or 1 (W = 2)
+      even = odd_kept ? filled : self;
+      odd = odd_kept ? self : filled;
+    }
+    out[2 * p] = even;
+    out[2 * p + 1] = odd;
+  }
+}
+
+// Outputs [begin, end) of `v`, whose output 0 is dst[0]: kN outputs, 16 bytes per store, one
+// vector store per whole 16 bytes, element by element at the ends.
+template <typename out_t, int kN>
+DRS_HOST_DEVICE void store_outputs(const out_t (&v)[kN], int32_t begin, int32_t end, out_t* dst) {
+  constexpr int kStore = 16 / static_cast<int>(sizeof(out_t));
+  static_assert(kN % kStore == 0, "whole stores");
+  for (int s = 0; s < kN; s += kStore) {
+    if (s >= begin && s + kStore <= end) {
+      Vec<out_t, kStore> vec;
+      for (int l = 0; l < kStore; ++l) vec.v[l] = v[s + l];
+      store_vec(dst + s, vec);
+    } else {
+      for (int l = s; l < s + kStore; ++l) {
+        if (l >= begin && l < end) dst[l] = v[l];
+      }
+    }
+  }
+}
+
+// Phase 2, one item: kItemOutputs outputs of one output segment (rows [r0, r1) x columns
+// [2 k0, 2 k1)). Items are aligned to the whole output: output o of the plane starts an item when
+// (phase + o) % kItemOutputs == 0, phase = plane_phase(plane index, C·H·W). An item inside one
+// row of the tile is filled by fill_slot; one cut by the tile's edge or spanning rows pixel by
+// pixel.
+template <drs::Fill kFill, typename out_t>
 DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item, int32_t phase,
                                 int branch, const float* window, out_t* dst) {
+  constexpr int kN = kItemOutputs;
   const auto seg_v = geo.store_items_div.divmod(static_cast<uint32_t>(item));
   const int32_t o0 = (t.r0 + static_cast<int32_t>(seg_v.div)) * geo.width + 2 * t.k0;
   const int32_t end = o0 + t.out_len;
-  const int32_t base = o0 - (phase + o0) % kVec + kVec * static_cast<int32_t>(seg_v.mod);
+  const int32_t base = o0 - (phase + o0) % kN + kN * static_cast<int32_t>(seg_v.mod);
   if (base >= end) return;
   const int32_t first = std::max(base, o0);
   const auto rj = geo.width_div.divmod(static_cast<uint32_t>(first));
@@ -182,17 +279,31 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
   int32_t j = static_cast<int32_t>(rj.mod);
   int32_t ch = static_cast<int32_t>(ci.div), i = static_cast<int32_t>(ci.mod);
   const int32_t win_cols = t.kh - t.kl;
-  Vec<out_t, kVec> v;
-  for (int l = 0; l < kVec; ++l) {
+  // The fill on the window rows of channel ch, re-indexed from the first of them (row i_base of
+  // the channel) and from window column kl: shifting the rows by i_base flips the checkerboard
+  // parity when i_base is odd; shifting the columns by kl (2 kl pixels) does not.
+  const auto window_rows = [&](int32_t c) { return std::max(t.lo - c * geo.height, 0); };
+  out_t v[kN];
+  if (base >= o0 && base + kN <= end && j + kN <= geo.width) {
+    // A whole item inside one row (j is even: W and every item start are).
+    DRS_FILL_SLOT_HOOK();
+    const int32_t i_base = window_rows(ch);
+    float f[kN];
+    fill_slot<kFill, kN>(window + (ch * geo.height + i_base - t.lo) * win_cols,
+                         geo.height - i_base, win_cols, i - i_base, j - 2 * t.kl,
+                         branch ^ (i_base & 1), f);
+    for (int l = 0; l < kN; ++l) v[l] = static_cast<out_t>(f[l]);
+    store_outputs(v, 0, kN, dst + base);
+    return;
+  }
+  // An item spanning rows or cut by the tile's edge: pixel by pixel.
+  for (int l = 0; l < kN; ++l) {
     if (base + l < first || base + l >= end) continue;
-    // fill_pixel on the window rows of channel ch, re-indexed from the first of them (row i_base
-    // of the channel) and from window column kl: shifting the rows by i_base flips the
-    // checkerboard parity when i_base is odd; shifting the columns by kl (2 kl pixels) does not.
-    const int32_t i_base = std::max(t.lo - ch * geo.height, 0);
+    const int32_t i_base = window_rows(ch);
     const float* sub = window + (ch * geo.height + i_base - t.lo) * win_cols;
-    v.v[l] = static_cast<out_t>(drs::fill_pixel(sub, geo.height - i_base, 2 * win_cols,
-                                                i - i_base, j - 2 * t.kl, branch ^ (i_base & 1),
-                                                kFill));
+    v[l] = static_cast<out_t>(drs::fill_pixel(sub, geo.height - i_base, 2 * win_cols,
+                                              i - i_base, j - 2 * t.kl, branch ^ (i_base & 1),
+                                              kFill));
     if (++j == geo.width) {
       j = 0;
       if (++i == geo.height) {
@@ -201,13 +312,7 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
       }
     }
   }
-  if (base >= o0 && base + kVec <= end) {
-    store_vec(dst + base, v);
-  } else {
-    for (int l = 0; l < kVec; ++l) {
-      if (base + l >= first && base + l < end) dst[base + l] = v.v[l];
-    }
-  }
+  store_outputs(v, first - base, std::min(end - base, kN), dst + base);
 }
 
 // A block's work on tile `tile` of one plane: x of the plane's image at `image`, the plane's
@@ -215,14 +320,14 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
 // run_items(count, fn) must call fn(item) once for every item in [0, count), in any order, and
 // then be a barrier: fn's writes are visible to the items of the next call, and the window is
 // free again when run_tile returns.
-template <drs::Fill kFill, typename out_t, int kVec, class RunItems>
+template <drs::Fill kFill, typename out_t, class RunItems>
 DRS_HOST_DEVICE void run_tile(const Geometry& geo, int32_t tile, const Draw& d, const float* image,
                               int32_t phase, int branch, float* window, out_t* dst,
                               RunItems&& run_items) {
   const Tile t = make_tile<kFill>(geo, tile);
   run_items(draw_items(geo, t), [&](int32_t item) { draw_item(geo, t, item, d, image, window); });
   run_items(store_items(geo, t), [&](int32_t item) {
-    store_item<kFill, out_t, kVec>(geo, t, item, phase, branch, window, dst);
+    store_item<kFill, out_t>(geo, t, item, phase, branch, window, dst);
   });
 }
 

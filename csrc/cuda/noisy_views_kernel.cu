@@ -2,9 +2,11 @@
 // out[n, p, s] = fill_p(sub_p(x[n]) + sigma_p * eps(seed, stream[n], p, offset + s)), in one pass
 // that reads x (an L2-resident image) and writes each output element once.
 //
-// partition "none": a thread draws one Philox element group (4 normals, drs::normal4) and writes
-// those 4 consecutive outputs, one vector store where the output is aligned (none::write_group,
-// which python_tests/test_cuda_none_host.py also runs on the host against the CPU kernel).
+// partition "none": a block takes a chunk of consecutive samples of one (image, branch); a thread
+// takes one Philox element group of the chunk's planes and, for each sample, draws 4 normals
+// (drs::normal4) and writes those 4 consecutive outputs, one vector store where the output is
+// aligned (none::write_chunk_group, which python_tests/test_cuda_none_host.py also runs on the
+// host against the CPU kernel).
 // partition "diag": a block owns one tile of one (n, p, s) plane (noisy_views_diag.cuh). It draws
 // the noisy sub-image of the tile and the one-pixel halo its fill reads into shared memory, so
 // each normal is drawn once (up to halos), then writes the tile's full-resolution pixels with
@@ -41,19 +43,16 @@ constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 
 // ---------------------------------------------------------------------------------------------
-// partition "none": a thread per element group (noisy_views_none.cuh).
+// partition "none": a thread per element group of a chunk of planes (noisy_views_none.cuh).
 
 template <typename out_t>
 __global__ void __launch_bounds__(kThreads)
-    noisy_views_none_kernel(Common c, int32_t num_groups, bool vectorize,
+    noisy_views_none_kernel(Common c, none::Chunks chunks, int32_t num_groups, bool vectorize,
                             out_t* __restrict__ out) {
-  for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
-    const Plane q = locate(c, plane);
-    const float* image = c.x + q.image * c.plane_size;
-    out_t* dst = out + plane * c.plane_size;
+  for (int64_t chunk = blockIdx.x; chunk < chunks.count; chunk += gridDim.x) {
     for (int32_t g = blockIdx.y * blockDim.x + threadIdx.x; g < num_groups;
          g += gridDim.y * blockDim.x) {
-      none::write_group(q.draw, image, g, c.plane_size, vectorize, dst);
+      none::write_chunk_group(c, chunks, chunk, g, vectorize, out);
     }
   }
 }
@@ -74,16 +73,15 @@ struct BlockItems {
 template <drs::Fill kFill, typename out_t>
 __global__ void __launch_bounds__(kThreads)
     noisy_views_diag_kernel(Common c, diag::Geometry geo, out_t* __restrict__ out) {
-  constexpr int kVec = 16 / sizeof(out_t);
   extern __shared__ float window[];
   for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
     const Plane q = locate(c, plane);
     const float* image = c.x + q.image * c.plane_size;
     out_t* dst = out + plane * c.plane_size;
-    const int32_t phase = diag::plane_phase<kVec>(plane, c.plane_size);
+    const int32_t phase = diag::plane_phase(plane, c.plane_size);
     for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
-      diag::run_tile<kFill, out_t, kVec>(geo, tile, q.draw, image, phase, q.branch, window, dst,
-                                         BlockItems{});
+      diag::run_tile<kFill, out_t>(geo, tile, q.draw, image, phase, q.branch, window, dst,
+                                   BlockItems{});
     }
   }
 }
@@ -115,14 +113,27 @@ void launch_diag(const Common& c, const diag::Geometry& geo, drs::Fill fill, out
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Blocks the launch should have at least, so chunks stay short enough to fill the device: four
+// waves of 8 blocks per multiprocessor (2048 threads of 256 per block).
+int64_t min_none_blocks() {
+  int device = 0, multiprocessors = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  return int64_t{32} * multiprocessors;
+}
+
 template <typename out_t>
 void launch_none(const Common& c, int64_t num_groups, out_t* out, cudaStream_t stream) {
-  const int64_t blocks_per_plane = (num_groups + kThreads - 1) / kThreads;
-  const dim3 grid(static_cast<unsigned>(std::min(c.planes, kMaxGridX)),
-                  static_cast<unsigned>(std::min(blocks_per_plane, kMaxGridY)));
+  const int64_t blocks_per_chunk =
+      std::min((num_groups + kThreads - 1) / kThreads, kMaxGridY);
+  const none::Chunks chunks =
+      none::make_chunks(c, none::chunk_samples(c, blocks_per_chunk, min_none_blocks()));
+  const dim3 grid(static_cast<unsigned>(std::min(chunks.count, kMaxGridX)),
+                  static_cast<unsigned>(blocks_per_chunk));
   const bool vectorize = none::can_vectorize(c.x, c.plane_size);
-  noisy_views_none_kernel<out_t>
-      <<<grid, kThreads, 0, stream>>>(c, static_cast<int32_t>(num_groups), vectorize, out);
+  noisy_views_none_kernel<out_t><<<grid, kThreads, 0, stream>>>(
+      c, chunks, static_cast<int32_t>(num_groups), vectorize, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -155,8 +166,7 @@ at::Tensor noisy_views_cuda(const at::Tensor& x, at::ArrayRef<double> sigma, int
         if (args.partition == drs::Partition::kNone) {
           launch_none(c, args.num_groups, out_ptr, cuda_stream);
         } else {
-          const diag::Geometry geo = diag::make_geometry(
-              channels, height, width, 16 / static_cast<int>(sizeof(scalar_t)));
+          const diag::Geometry geo = diag::make_geometry(channels, height, width);
           launch_diag(c, geo, args.fill, out_ptr, cuda_stream);
         }
       }),

@@ -1,10 +1,13 @@
 // Per-thread code of the partition="none" noisy_views kernel (noisy_views_kernel.cu): the
-// sub-image is the image, so element e of a plane is output e. A thread draws one Philox element
-// group (4 normals, drs::normal4) and writes those 4 consecutive outputs, with one vector load of
-// x and one vector store where both are aligned. DRS_HOST_DEVICE with no CUDA-only dependency:
+// sub-image is the image, so element e of a plane is output e. A block takes a chunk of up to
+// kMaxChunkSamples consecutive samples of one (image, branch) row; a thread takes one Philox
+// element group g of the chunk's planes: it locates the row and loads x's 4 elements once, then
+// for each sample draws 4 normals (drs::normal4) and writes those 4 consecutive outputs, one
+// vector store where the output is aligned. DRS_HOST_DEVICE with no CUDA-only dependency:
 // python_tests/test_cuda_none_host.py runs it on the host against the CPU kernel.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "drs/normal.h"
@@ -13,6 +16,31 @@
 namespace drs_ext {
 namespace none {
 
+// A thread's set-up (locate: two 64-bit divisions and the stream id; the load of x) costs about
+// as much as one draw, so a chunk shares it between up to 16 draws.
+constexpr int32_t kMaxChunkSamples = 16;
+
+struct Chunks {
+  int32_t samples;  // samples per chunk (the last chunk of a row may hold fewer)
+  int64_t per_row;  // chunks per (image, branch) row: ceil(num / samples)
+  int64_t count;    // chunks in all: rows * per_row
+};
+
+inline Chunks make_chunks(const Common& c, int32_t samples) {
+  const int64_t per_row = (c.num + samples - 1) / samples;
+  return Chunks{samples, per_row, c.planes / c.num * per_row};
+}
+
+// The largest chunk, up to kMaxChunkSamples, that still gives the launch `min_blocks` blocks
+// (blocks_per_chunk of them per chunk), so that shorter launches keep the device filled.
+inline int32_t chunk_samples(const Common& c, int64_t blocks_per_chunk, int64_t min_blocks) {
+  int32_t samples = kMaxChunkSamples;
+  while (samples > 1 && make_chunks(c, samples).count * blocks_per_chunk < min_blocks) {
+    samples /= 2;
+  }
+  return samples;
+}
+
 // Whether a launch may use the vector path: each group's 4 inputs and 4 outputs are aligned
 // vectors when every image and plane starts on a 4-element boundary and x itself is 16-byte
 // aligned (a view of x may not be). The output comes from the allocator, aligned.
@@ -20,23 +48,37 @@ inline bool can_vectorize(const float* x, int32_t plane_size) {
   return plane_size % 4 == 0 && reinterpret_cast<uintptr_t>(x) % alignof(Vec<float, 4>) == 0;
 }
 
-// Outputs 4g .. 4g+3 of one plane (those below plane_size): image + sigma * eps of the plane's
-// draw d, element group g.
+// Outputs 4g .. 4g+3 (those below plane_size) of every plane of chunk `chunk`: x of the row's
+// image + sigma * eps of the plane's draw, element group g.
 template <typename out_t>
-DRS_HOST_DEVICE void write_group(const Draw& d, const float* image, int32_t g, int32_t plane_size,
-                                 bool vectorize, out_t* dst) {
-  float z[4];
-  drs::normal4(d.key0, d.key1, static_cast<uint32_t>(g), d.sample, d.branch, d.stream, z);
+DRS_HOST_DEVICE void write_chunk_group(const Common& c, const Chunks& chunks, int64_t chunk,
+                                       int32_t g, bool vectorize, out_t* out) {
+  const int64_t row = chunk / chunks.per_row;
+  const int64_t s0 = (chunk - row * chunks.per_row) * chunks.samples;
+  const int32_t count = static_cast<int32_t>(std::min<int64_t>(chunks.samples, c.num - s0));
+  const Plane q = locate(c, row, s0);
+  const Draw& d = q.draw;
+  const float* image = c.x + q.image * c.plane_size;
   const int32_t e = 4 * g;
-  if (vectorize && e + 4 <= plane_size) {
+  const bool whole = vectorize && e + 4 <= c.plane_size;
+  float xv[4];
+  if (whole) {
     DRS_VEC_ACCESS_HOOK(image + e, sizeof(Vec<float, 4>));
-    const Vec<float, 4> xv = *reinterpret_cast<const Vec<float, 4>*>(image + e);
-    Vec<out_t, 4> v;
-    for (int l = 0; l < 4; ++l) v.v[l] = static_cast<out_t>(xv.v[l] + d.sigma * z[l]);
-    store_vec(dst + e, v);
+    const Vec<float, 4> v = *reinterpret_cast<const Vec<float, 4>*>(image + e);
+    for (int l = 0; l < 4; ++l) xv[l] = v.v[l];
   } else {
-    for (int l = 0; l < 4 && e + l < plane_size; ++l) {
-      dst[e + l] = static_cast<out_t>(image[e + l] + d.sigma * z[l]);
+    for (int l = 0; l < 4; ++l) xv[l] = e + l < c.plane_size ? image[e + l] : 0.0f;
+  }
+  out_t* dst = out + (row * c.num + s0) * c.plane_size + e;
+  for (int32_t k = 0; k < count; ++k, dst += c.plane_size) {
+    float z[4];
+    drs::normal4(*d.keys, static_cast<uint32_t>(g), d.sample + k, d.branch, d.stream, z);
+    Vec<out_t, 4> v;
+    for (int l = 0; l < 4; ++l) v.v[l] = static_cast<out_t>(xv[l] + d.sigma * z[l]);
+    if (whole) {
+      store_vec(dst, v);
+    } else {
+      for (int l = 0; l < 4 && e + l < c.plane_size; ++l) dst[l] = v.v[l];
     }
   }
 }

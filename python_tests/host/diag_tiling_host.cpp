@@ -38,6 +38,8 @@ namespace drs_host_tiling {
 // misaligned one is an error here, before the store: the host compiler emits an aligned store for
 // the 16-byte-aligned Vec too, which would crash the test process instead of failing the test.
 inline int64_t vec_stores = 0;
+// Items store_item fills through diag::fill_slot (the rest go pixel by pixel through fill_pixel).
+inline int64_t fill_slots = 0;
 
 inline void record_vec_store(const void* ptr, size_t bytes) {
   ++vec_stores;
@@ -49,6 +51,7 @@ inline void record_vec_store(const void* ptr, size_t bytes) {
 }  // namespace drs_host_tiling
 
 #define DRS_VEC_ACCESS_HOOK(ptr, bytes) ::drs_host_tiling::record_vec_store(ptr, bytes)
+#define DRS_FILL_SLOT_HOOK() ++::drs_host_tiling::fill_slots
 
 #include "noisy_views_args.h"
 #include "noisy_views_diag.cuh"
@@ -98,10 +101,11 @@ enum Stat : int {
   kChannelEdge,      // tiles starting on a channel boundary other than row 0
   kColHalo,          // tiles with a halo column
   kPhasedPlanes,     // planes whose first output is not on a vector boundary (phase != 0)
+  kFillSlots,        // items filled by diag::fill_slot (diag::kItemOutputs outputs each)
   kNumStats
 };
 
-template <drs::Fill kFill, typename out_t, int kVec>
+template <drs::Fill kFill, typename out_t>
 void run_planes(const drs_ext::Common& c, const Geometry& geo, uint64_t shuffle_seed, out_t* out,
                 int64_t* stats) {
   const size_t window_floats = drs_ext::diag::window_bytes(geo) / sizeof(float);
@@ -116,14 +120,14 @@ void run_planes(const drs_ext::Common& c, const Geometry& geo, uint64_t shuffle_
     const drs_ext::Plane q = drs_ext::locate(c, plane);
     const float* image_x = c.x + q.image * c.plane_size;
     out_t* dst = out + plane * c.plane_size;
-    const int32_t phase = drs_ext::diag::plane_phase<kVec>(plane, c.plane_size);
+    const int32_t phase = drs_ext::diag::plane_phase(plane, c.plane_size);
     stats[kPhasedPlanes] += phase != 0;
     // Blocks run their tiles in any order too.
     std::iota(tiles.begin(), tiles.end(), 0);
     std::shuffle(tiles.begin(), tiles.end(), rng);
     for (const int32_t tile : tiles) {
       std::fill(window, window + window_floats, std::numeric_limits<float>::quiet_NaN());
-      drs_ext::diag::run_tile<kFill, out_t, kVec>(geo, tile, q.draw, image_x, phase, q.branch,
+      drs_ext::diag::run_tile<kFill, out_t>(geo, tile, q.draw, image_x, phase, q.branch,
                                                   window, dst, run_items);
       TORCH_CHECK(all_sentinel(window_buf.data(), guard * sizeof(float)) &&
                       all_sentinel(window + window_floats, guard * sizeof(float)),
@@ -165,13 +169,12 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
   int64_t* st = stats.data_ptr<int64_t>();
   AT_DISPATCH_V2(
       args.out_dtype, "diag_tiling_host", AT_WRAP([&] {
-        constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
         scalar_t* base = buffer.data_ptr<scalar_t>();
         std::memset(base, kSentinelByte, buffer.nbytes());
         scalar_t* out = base + guard;
         TORCH_CHECK(reinterpret_cast<uintptr_t>(out) % 16 == 0,
                     "diag tiling: the output must start 16-byte aligned");
-        const Geometry geo = drs_ext::diag::make_geometry(channels, height, width, kVec);
+        const Geometry geo = drs_ext::diag::make_geometry(channels, height, width);
         st[kWindowBytes] = static_cast<int64_t>(drs_ext::diag::window_bytes(geo));
         st[kTilesPerPlane] = geo.tiles;
         st[kColTiles] = geo.col_tiles;
@@ -179,22 +182,24 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
                     "diag tiling: the window needs ", drs_ext::diag::window_bytes(geo),
                     " bytes of shared memory, more than a launch gets");
         vec_stores = 0;
+        fill_slots = 0;
         const auto seed_u = static_cast<uint64_t>(shuffle_seed);
         switch (args.fill) {
           case drs::Fill::kNeighbors:
-            run_planes<drs::Fill::kNeighbors, scalar_t, kVec>(c, geo, seed_u, out, st);
+            run_planes<drs::Fill::kNeighbors, scalar_t>(c, geo, seed_u, out, st);
             break;
           case drs::Fill::kPair:
-            run_planes<drs::Fill::kPair, scalar_t, kVec>(c, geo, seed_u, out, st);
+            run_planes<drs::Fill::kPair, scalar_t>(c, geo, seed_u, out, st);
             break;
           case drs::Fill::kBilinear:
-            run_planes<drs::Fill::kBilinear, scalar_t, kVec>(c, geo, seed_u, out, st);
+            run_planes<drs::Fill::kBilinear, scalar_t>(c, geo, seed_u, out, st);
             break;
           case drs::Fill::kZeros:
-            run_planes<drs::Fill::kZeros, scalar_t, kVec>(c, geo, seed_u, out, st);
+            run_planes<drs::Fill::kZeros, scalar_t>(c, geo, seed_u, out, st);
             break;
         }
         st[kVecStores] = vec_stores;
+        st[kFillSlots] = fill_slots;
         const size_t guard_bytes = static_cast<size_t>(guard) * sizeof(scalar_t);
         TORCH_CHECK(all_sentinel(base, guard_bytes) && all_sentinel(out + numel, guard_bytes),
                     "diag tiling: a write outside the output");

@@ -1,13 +1,16 @@
 // The CUDA kernel noisy_views for partition "none" (csrc/cuda/noisy_views_kernel.cu) run on the
-// host, for python_tests/test_cuda_none_host.py: CI has no GPU, so this runs the kernel's
-// per-thread code, none::write_group of csrc/cuda/noisy_views_none.cuh, for every element group
-// of every plane, with the launcher's choice of the vector path (none::can_vectorize). Built by
-// torch.utils.cpp_extension.load; registers torch.ops.drs_host_none.run.
+// host, for python_tests/test_cuda_none_host.py: CI has no GPU, so this runs the kernel's loop,
+// none::write_chunk_group of csrc/cuda/noisy_views_none.cuh for every element group of every
+// chunk of `samples` consecutive samples of a row (none::make_chunks), with the launcher's choice
+// of the vector path (none::can_vectorize). Built by torch.utils.cpp_extension.load; registers
+// torch.ops.drs_host_none.run and torch.ops.drs_host_none.chunk_samples (the launcher's chunk
+// size, none::chunk_samples).
 //
 // Besides the output it checks what a comparison of values cannot see: the output sits between
 // two guard regions and starts filled with a NaN sentinel (a write outside it fails here, an
-// output never written stays NaN), and every vector load and store is aligned to its size, given
-// an output that starts 16-byte aligned (as the CUDA allocator's do).
+// output never written stays NaN), every vector access lies inside x or inside the output, and
+// every vector load and store is aligned to its size, given an output that starts 16-byte aligned
+// (as the CUDA allocator's do).
 #include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,18 +25,47 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace drs_host_none {
 
-// Vector loads and stores seen through the hook. A misaligned one is an error here, before the
-// access: the host compiler emits aligned accesses for the aligned Vec too, which would crash
-// the test process instead of failing the test.
-inline int64_t vec_accesses = 0;
+// Vector accesses seen through the hook, told apart by address: the kernel reads only x and
+// writes only the output, two disjoint allocations, so an access inside the output is a store
+// (store_vec) and one inside x is a load (write_chunk_group's load of x). An access that lies
+// wholly in neither, or is not aligned to its size, is an error here, before the access: the
+// host compiler emits aligned accesses for the aligned Vec too, which would crash the test
+// process instead of failing the test.
+struct Bytes {
+  uintptr_t begin = 0, end = 0;  // [begin, end)
+
+  bool holds(uintptr_t p, size_t bytes) const { return p >= begin && p <= end && bytes <= end - p; }
+};
+
+struct VecAccesses {
+  Bytes x, out;
+  int64_t loads = 0;
+  int64_t stores = 0;
+};
+
+inline VecAccesses vec_accesses;
+
+inline Bytes bytes_of(const void* begin, size_t bytes) {
+  const auto p = reinterpret_cast<uintptr_t>(begin);
+  return Bytes{p, p + bytes};
+}
 
 inline void record_vec_access(const void* ptr, size_t bytes) {
-  ++vec_accesses;
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % bytes == 0, "none kernel: a vector access of ",
-              bytes, " bytes to an address not aligned to it (", ptr, ")");
+  const auto p = reinterpret_cast<uintptr_t>(ptr);
+  TORCH_CHECK(p % bytes == 0, "none kernel: a vector access of ", bytes,
+              " bytes to an address not aligned to it (", ptr, ")");
+  VecAccesses& a = vec_accesses;
+  if (a.out.holds(p, bytes)) {
+    ++a.stores;
+  } else {
+    TORCH_CHECK(a.x.holds(p, bytes), "none kernel: a vector access of ", bytes,
+                " bytes at ", ptr, " outside both x and the output");
+    ++a.loads;
+  }
 }
 
 }  // namespace drs_host_none
@@ -54,14 +86,17 @@ using drs_host::kSentinelByte;
 // output keeps the 16-byte alignment of its allocation.
 constexpr int64_t kGuard = 64;
 
-// (out, stats [vector accesses, vector path chosen]).
+// (out, stats [vector loads, vector stores, vector path chosen]) of the kernel's loop with
+// chunks of `samples` samples.
 std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double> sigma,
                                        int64_t num, int64_t seed, int64_t offset,
                                        const at::Tensor& stream,
-                                       std::optional<at::ScalarType> out_dtype) {
+                                       std::optional<at::ScalarType> out_dtype, int64_t samples) {
   // The real op's argument checks and seed split (key0, key1).
   const drs_ext::NoisyViewsArgs args = drs_ext::check_noisy_views_args(
       x, sigma, num, seed, offset, stream, "none", "neighbors", out_dtype);
+  TORCH_CHECK(samples >= 1 && samples <= std::numeric_limits<int32_t>::max(),
+              "none kernel: samples per chunk must be >= 1 (and fit in int32), got ", samples);
   TORCH_CHECK(x.device().is_cpu() && stream.device().is_cpu(), "none kernel: CPU tensors only");
   const int64_t images = x.size(0), plane_size = x.numel() / std::max<int64_t>(images, 1);
   TORCH_CHECK(plane_size <= std::numeric_limits<int32_t>::max() - 64,
@@ -71,6 +106,8 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
   const drs_ext::Common c =
       drs_ext::make_common(args, x_c.data_ptr<float>(), stream_c.data_ptr<int64_t>(), images,
                            static_cast<int32_t>(plane_size), num, offset);
+  const drs_ext::none::Chunks chunks =
+      drs_ext::none::make_chunks(c, static_cast<int32_t>(samples));
   const int64_t numel = c.planes * plane_size;
   const bool vectorize = drs_ext::none::can_vectorize(c.x, c.plane_size);
   at::Tensor buffer = at::empty({numel + 2 * kGuard}, x.options().dtype(args.out_dtype));
@@ -81,13 +118,13 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
         scalar_t* out = base + kGuard;
         TORCH_CHECK(reinterpret_cast<uintptr_t>(out) % 16 == 0,
                     "none kernel: the output must start 16-byte aligned");
-        vec_accesses = 0;
-        for (int64_t plane = 0; plane < c.planes; ++plane) {
-          const drs_ext::Plane q = drs_ext::locate(c, plane);
+        vec_accesses = VecAccesses{bytes_of(c.x, images * plane_size * sizeof(float)),
+                                   bytes_of(out, numel * sizeof(scalar_t))};
+        // The kernel's loop: blocks stride over the chunks, threads over the element groups.
+        for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
           for (int64_t g = 0; g < args.num_groups; ++g) {
-            drs_ext::none::write_group(q.draw, c.x + q.image * c.plane_size,
-                                       static_cast<int32_t>(g), c.plane_size, vectorize,
-                                       out + plane * c.plane_size);
+            drs_ext::none::write_chunk_group(c, chunks, chunk, static_cast<int32_t>(g), vectorize,
+                                             out);
           }
         }
         const size_t guard_bytes = kGuard * sizeof(scalar_t);
@@ -97,8 +134,23 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
       at::kFloat, at::kHalf, at::kBFloat16);
   std::vector<int64_t> shape = {images, 1, num};
   for (int64_t d = 1; d < x.dim(); ++d) shape.push_back(x.size(d));
-  const at::Tensor stats = at::tensor({vec_accesses, static_cast<int64_t>(vectorize)}, at::kLong);
+  const at::Tensor stats = at::tensor(
+      {vec_accesses.loads, vec_accesses.stores, static_cast<int64_t>(vectorize)}, at::kLong);
   return {buffer.narrow(0, kGuard, numel).view(shape), stats};
+}
+
+// The launcher's samples per chunk (none::chunk_samples) for `images` images of one branch
+// (partition "none") and `num` samples each.
+int64_t chunk_samples(int64_t images, int64_t num, int64_t blocks_per_chunk, int64_t min_blocks) {
+  TORCH_CHECK(images >= 0, "chunk_samples: images must be >= 0, got ", images);
+  TORCH_CHECK(num >= 1, "chunk_samples: num must be >= 1, got ", num);
+  TORCH_CHECK(blocks_per_chunk >= 1, "chunk_samples: blocks_per_chunk must be >= 1, got ",
+              blocks_per_chunk);
+  drs_ext::NoisyViewsArgs args{};
+  args.branches = 1;
+  // Only num and planes matter to chunk_samples: no x, stream or plane size.
+  const drs_ext::Common c = drs_ext::make_common(args, nullptr, nullptr, images, 1, num, 0);
+  return drs_ext::none::chunk_samples(c, blocks_per_chunk, min_blocks);
 }
 
 }  // namespace
@@ -106,8 +158,10 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
 TORCH_LIBRARY(drs_host_none, m) {
   m.def(
       "run(Tensor x, float[] sigma, int num, int seed, int offset, Tensor stream, "
-      "ScalarType? out_dtype) -> (Tensor, Tensor)",
+      "ScalarType? out_dtype, int samples) -> (Tensor, Tensor)",
       &run);
+  m.def("chunk_samples(int images, int num, int blocks_per_chunk, int min_blocks) -> int",
+        &chunk_samples);
 }
 
 }  // namespace drs_host_none

@@ -98,12 +98,22 @@ DRS_HOST_DEVICE void box_muller(uint32_t va, uint32_t vb, float* za, float* zb) 
   *zb = r * s;
 }
 
+// The four standard normals of one Philox output.
+DRS_HOST_DEVICE void normals_of(const Uint4& r, float out[4]) {
+  box_muller(r.x, r.y, &out[0], &out[1]);
+  box_muller(r.z, r.w, &out[2], &out[3]);
+}
+
 // The four standard normals of element group `group` (elements 4*group .. 4*group + 3).
 DRS_HOST_DEVICE void normal4(uint32_t key0, uint32_t key1, uint32_t group, uint64_t sample,
                              uint32_t branch, uint32_t stream, float out[4]) {
-  const Uint4 r = philox4x32_10(noise_counter(group, sample, branch, stream), key0, key1);
-  box_muller(r.x, r.y, &out[0], &out[1]);
-  box_muller(r.z, r.w, &out[2], &out[3]);
+  normals_of(philox4x32_10(noise_counter(group, sample, branch, stream), key0, key1), out);
+}
+
+// The same draws from precomputed round keys (philox_keys), as the CUDA kernels take them.
+DRS_HOST_DEVICE void normal4(const PhiloxKeys& keys, uint32_t group, uint64_t sample,
+                             uint32_t branch, uint32_t stream, float out[4]) {
+  normals_of(philox4x32_10(noise_counter(group, sample, branch, stream), keys), out);
 }
 
 }  // namespace drs
