@@ -3,11 +3,13 @@
 # already installed (it installs nothing else: numpy, scipy, pytest, tqdm, matplotlib and
 # scikit-learn must be there). Builds drs_ext with its CUDA kernels against that torch, then
 #   test   python_tests/test_cuda.py, then the whole suite (the CPU tests on that torch);
-#   bench  benchmarks/bench_cuda.py, which rewrites the "## GPU" section of benchmarks/RESULTS.md;
-#   all    both (the default).
+#   bench    benchmarks/bench_cuda.py, which rewrites the "## GPU" section of benchmarks/RESULTS.md;
+#   profile  benchmarks/profile_views.py under Nsight Compute (ncu): per views kernel its time, DRAM
+#            bytes, issue activity and instructions (a diagnosis: its failure fails nothing);
+#   all      all three (the default).
 # Logs, and RESULTS.md after bench, go to $OUT (default gpu_out/).
 #
-# Usage: bash scripts/gpu_check.sh [test|bench|all] [extra arguments for bench_cuda.py]
+# Usage: bash scripts/gpu_check.sh [test|bench|profile|all] [extra arguments for bench_cuda.py]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-all}"
@@ -38,5 +40,17 @@ fi
 if [[ "$stage" == bench || "$stage" == all ]]; then
   python3 benchmarks/bench_cuda.py "$@" 2>&1 | tee "$out/bench_cuda.log" || status=1
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
+fi
+if [[ "$stage" == profile || "$stage" == all ]]; then
+  metrics=gpu__time_duration.sum,dram__bytes_write.sum,dram__bytes_read.sum,sm__inst_executed.sum
+  metrics+=,smsp__issue_active.avg.pct_of_peak_sustained_active
+  metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed
+  metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
+  if ! command -v ncu >/dev/null 2>&1; then
+    echo "gpu_check: ncu not found: no profile" | tee "$out/ncu_views.txt"
+  elif ! ncu --clock-control none -k regex:noisy_views --metrics "$metrics" \
+    python3 benchmarks/profile_views.py >"$out/ncu_views.txt" 2>&1; then
+    echo "gpu_check: the profile failed (see $out/ncu_views.txt)"
+  fi
 fi
 exit "$status"
