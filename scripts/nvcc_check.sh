@@ -6,7 +6,8 @@
 # follow torch's CUDAExtension build (COMMON_NVCC_FLAGS) and setup.py.
 #
 # Usage: scripts/nvcc_check.sh     (env: NVCC, PYTHON, NVCC_CHECK_JOBS)
-# Prints each command and its result; exits non-zero if any file fails to compile.
+# Prints each command and its result; exits non-zero if any file fails to compile, if a kernel
+# has a stack frame or spills registers (ptxas -v), or if a views kernel lacks vector stores (PTX).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,7 +40,7 @@ print(" ".join(flags + [f for f in COMMON_NVCC_FLAGS if f != "--expt-relaxed-con
 FLAGS=(
   -c -O3 -std=c++20
   -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DDRS_WITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H
-  --expt-relaxed-constexpr -Xcompiler -fPIC
+  --expt-relaxed-constexpr -Xcompiler -fPIC -Xptxas -v
   -gencode arch=compute_80,code=sm_80
   -gencode arch=compute_90,code=sm_90
   -I"$ROOT/csrc" -I"$ROOT/csrc/include"
@@ -84,8 +85,24 @@ for i in "${!SOURCES[@]}"; do
     echo "nvcc_check: FAIL  $src (exit $rc)"
     failed=1
   fi
-  if [[ -s "$TMP/$i.log" ]]; then
-    sed 's/^/    /' "$TMP/$i.log"
+  # ptxas -v reports each kernel's registers, stack frame and spills: printed as a summary, and
+  # a kernel with a stack frame or spills fails the check (the kernels keep everything in
+  # registers; a stack frame would also mean a local copy of the by-value launch parameters,
+  # whose Philox round keys the kernels read from the constant bank).
+  grep -v -e '^ptxas info' -e 'bytes stack frame' "$TMP/$i.log" | sed 's/^/    /' || true
+  if [[ "$rc" == 0 ]]; then
+    kernels="$(grep -c 'bytes stack frame' "$TMP/$i.log" || true)"
+    heavy="$(grep 'bytes stack frame' "$TMP/$i.log" | grep -v -c '^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads' || true)"
+    regs="$(grep -o 'Used [0-9]* registers' "$TMP/$i.log" | awk '{print $2}' | sort -n | sed -n '1p;$p' | paste -sd- -)"
+    if [[ "$kernels" == 0 || "$heavy" != 0 ]]; then
+      echo "nvcc_check: FAIL  $src: $heavy of $kernels kernels with a stack frame or spills"
+      awk '/Function properties for/ { name = $NF }
+           /bytes stack frame/ && !/^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads/ {
+             print "    " name ": " $0 }' "$TMP/$i.log"
+      failed=1
+    else
+      echo "nvcc_check: OK    $src: $kernels kernels, no stack frame or spills, $regs registers"
+    fi
   fi
   # The noisy_views kernels are bound by their stores: each must write with vector stores
   # (st.global...v2 / v4 in the PTX of every target), which the compiler can silently split

@@ -90,7 +90,8 @@ struct alignas(sizeof(T) * kVec) Vec {
 };
 
 // One vector store of v at dst, which must be aligned to sizeof(v): on the device a plain (weak,
-// write-back) st.global.v4 / .v2 in inline PTX. Inside the kernels' loops nvcc 13.0 splits a
+// write-back) st.global.v4 / .v2 in inline PTX (volatile, and clobbering memory, so that the
+// compiler neither drops nor moves a statement it cannot see into). Inside the kernels' loops nvcc 13.0 splits a
 // store of the Vec struct, or of a uint4 built from it, into scalar stores (seen in the PTX), a
 // quarter of the width or less; __stwb keeps the width but becomes a strong store
 // (STG.E.128.STRONG.SM in the SASS). scripts/nvcc_check.sh checks the PTX for the vector stores.
@@ -102,12 +103,13 @@ DRS_HOST_DEVICE void store_vec(T* dst, const Vec<T, kVec>& v) {
   if constexpr (sizeof(v) == 16) {
     uint4 b;
     memcpy(&b, &v, sizeof(v));
-    asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(b.x), "r"(b.y), "r"(b.z),
-        "r"(b.w));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(b.x), "r"(b.y),
+                 "r"(b.z), "r"(b.w)
+                 : "memory");
   } else {
     uint2 b;
     memcpy(&b, &v, sizeof(v));
-    asm("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(b.x), "r"(b.y));
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(b.x), "r"(b.y) : "memory");
   }
 #else
   *reinterpret_cast<Vec<T, kVec>*>(dst) = v;

@@ -205,8 +205,6 @@ DRS_HOST_DEVICE void fill_slot(const float* sub, int32_t height, int32_t wp, int
   // Kept columns are the odd ones (the pair's dropped pixel is its left one) or the even ones.
   const bool odd_kept = ((i + branch) & 1) != 0;
   const bool has_up = i > 0, has_down = i + 1 < height;
-  const float* up = has_up ? row - wp : row;
-  const float* down = has_down ? row + wp : row;
   for (int p = 0; p < kPairs; ++p) {
     const float prev = r[p], self = r[p + 1], next = r[p + 2];
     float even = self, odd = self;  // kFill::kPair
@@ -220,7 +218,10 @@ DRS_HOST_DEVICE void fill_slot(const float* sub, int32_t height, int32_t wp, int
       even = p > 0 || has_prev ? blend : self;
       odd = 0.75f * self + 0.25f * (p < kPairs - 1 || has_next ? next : self);
     } else if constexpr (kFill == drs::Fill::kNeighbors) {
-      const float above = up[t0 + p], below = down[t0 + p], both = above + below;
+      // The rows above and below, or this row where there is none (read, not used).
+      const float above = row[(has_up ? t0 - wp : t0) + p];
+      const float below = row[(has_down ? t0 + wp : t0) + p];
+      const float both = above + below;
       const float vertical = has_up ? (has_down ? both : above) : (has_down ? below : 0.0f);
       // The dropped pixel's kept neighbour in the row other than this pair's: packed column
       // t - 1 on its left (an even dropped pixel) or t + 1 on its right (an odd one).
@@ -231,7 +232,8 @@ DRS_HOST_DEVICE void fill_slot(const float* sub, int32_t height, int32_t wp, int
       sum = has_right ? sum + right : sum;
       const int count = has_up + has_down + 1 + has_other;
       float filled = sum * (count == 4 ? 0.25f : 0.5f);
-      if (count & 1) filled = sum / static_cast<float>(count);  // 3 (an edge), or 1 (W = 2)
+      // 3 at an image edge, 1 at a row end when H = 1: a true division, as on the CPU.
+      if (count & 1) filled = sum / static_cast<float>(count);
       even = odd_kept ? filled : self;
       odd = odd_kept ? self : filled;
     }
@@ -271,8 +273,11 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
   const auto seg_v = geo.store_items_div.divmod(static_cast<uint32_t>(item));
   const int32_t o0 = (t.r0 + static_cast<int32_t>(seg_v.div)) * geo.width + 2 * t.k0;
   const int32_t end = o0 + t.out_len;
-  const int32_t base = o0 - (phase + o0) % kN + kN * static_cast<int32_t>(seg_v.mod);
-  if (base >= end) return;
+  // Offset of the item from o0, checked before base is formed: base may not fit in an int32
+  // past the plane's end.
+  const int32_t rel = kN * static_cast<int32_t>(seg_v.mod) - (phase + o0) % kN;
+  if (rel >= t.out_len) return;
+  const int32_t base = o0 + rel;
   const int32_t first = std::max(base, o0);
   const auto rj = geo.width_div.divmod(static_cast<uint32_t>(first));
   const auto ci = geo.height_div.divmod(rj.div);

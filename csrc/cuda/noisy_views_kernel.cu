@@ -9,8 +9,9 @@
 // host against the CPU kernel).
 // partition "diag": a block owns one tile of one (n, p, s) plane (noisy_views_diag.cuh). It draws
 // the noisy sub-image of the tile and the one-pixel halo its fill reads into shared memory, so
-// each normal is drawn once (up to halos), then writes the tile's full-resolution pixels with
-// drs::fill_pixel, 16 bytes per store where aligned (diag::run_tile, which
+// each normal is drawn once (up to halos), then writes the tile's full-resolution pixels, 8 per
+// thread and item (diag::fill_slot, or drs::fill_pixel where an item straddles rows or the
+// tile's edge), 16 bytes per store where aligned (diag::run_tile, which
 // python_tests/test_cuda_tiling_host.py also runs on the host against the CPU kernel).
 // Index math inside a plane is 32-bit (checked below), plane offsets are 64-bit.
 //
@@ -113,8 +114,8 @@ void launch_diag(const Common& c, const diag::Geometry& geo, drs::Fill fill, out
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Blocks the launch should have at least, so chunks stay short enough to fill the device: four
-// waves of 8 blocks per multiprocessor (2048 threads of 256 per block).
+// Blocks the launch should have at least, so chunks stay short enough to fill the device: 32 per
+// multiprocessor, about five waves (the kernel's 40 registers per thread fit 6 blocks of 256).
 int64_t min_none_blocks() {
   int device = 0, multiprocessors = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
