@@ -91,14 +91,15 @@ for i in "${!SOURCES[@]}"; do
   # whose Philox round keys the kernels read from the constant bank).
   grep -v -e '^ptxas info' -e 'bytes stack frame' "$TMP/$i.log" | sed 's/^/    /' || true
   if [[ "$rc" == 0 ]]; then
+    clean='^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads'
     kernels="$(grep -c 'bytes stack frame' "$TMP/$i.log" || true)"
-    heavy="$(grep 'bytes stack frame' "$TMP/$i.log" | grep -v -c '^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads' || true)"
-    regs="$(grep -o 'Used [0-9]* registers' "$TMP/$i.log" | awk '{print $2}' | sort -n | sed -n '1p;$p' | paste -sd- -)"
+    heavy="$(grep 'bytes stack frame' "$TMP/$i.log" | grep -v -c "$clean" || true)"
+    regs="$(grep -o 'Used [0-9]* registers' "$TMP/$i.log" | awk '{print $2}' | sort -n |
+      sed -n '1p;$p' | paste -sd- -)"
     if [[ "$kernels" == 0 || "$heavy" != 0 ]]; then
       echo "nvcc_check: FAIL  $src: $heavy of $kernels kernels with a stack frame or spills"
-      awk '/Function properties for/ { name = $NF }
-           /bytes stack frame/ && !/^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads/ {
-             print "    " name ": " $0 }' "$TMP/$i.log"
+      awk -v clean="$clean" '/Function properties for/ { name = $NF }
+        /bytes stack frame/ && $0 !~ clean { print "    " name ": " $0 }' "$TMP/$i.log"
       failed=1
     else
       echo "nvcc_check: OK    $src: $kernels kernels, no stack frame or spills, $regs registers"
@@ -126,7 +127,8 @@ if not ptx_files or not kernels or bad:
     for b in bad:
         print(f"    no vector store in {b}")
     sys.exit(1)
-print(f"nvcc_check: OK    vector stores in all {kernels} noisy_views kernels ({len(ptx_files)} PTX)")
+print(f"nvcc_check: OK    vector stores in all {kernels} noisy_views kernels "
+      f"({len(ptx_files)} PTX)")
 PY
   fi
 done

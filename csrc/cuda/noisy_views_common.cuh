@@ -90,11 +90,12 @@ struct alignas(sizeof(T) * kVec) Vec {
 };
 
 // One vector store of v at dst, which must be aligned to sizeof(v): on the device a plain (weak,
-// write-back) st.global.v4 / .v2 in inline PTX (volatile, and clobbering memory, so that the
-// compiler neither drops nor moves a statement it cannot see into). Inside the kernels' loops nvcc 13.0 splits a
-// store of the Vec struct, or of a uint4 built from it, into scalar stores (seen in the PTX), a
-// quarter of the width or less; __stwb keeps the width but becomes a strong store
-// (STG.E.128.STRONG.SM in the SASS). scripts/nvcc_check.sh checks the PTX for the vector stores.
+// write-back) st.global.v4 / .v2 in inline PTX, volatile and clobbering memory so that the
+// compiler neither drops nor moves a statement it cannot see into. Inside the kernels' loops
+// nvcc 13.0 splits a store of the Vec struct, or of a uint4 built from it, into scalar stores
+// (seen in the PTX), a quarter of the width or less; __stwb keeps the width but becomes a strong
+// store (STG.E.128.STRONG.SM in the SASS). scripts/nvcc_check.sh checks the PTX for the vector
+// stores.
 template <typename T, int kVec>
 DRS_HOST_DEVICE void store_vec(T* dst, const Vec<T, kVec>& v) {
   static_assert(sizeof(v) == 16 || sizeof(v) == 8, "vector stores of 8 or 16 bytes");
