@@ -284,19 +284,27 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
   int32_t j = static_cast<int32_t>(rj.mod);
   int32_t ch = static_cast<int32_t>(ci.div), i = static_cast<int32_t>(ci.mod);
   const int32_t win_cols = t.kh - t.kl;
-  // The fill on the window rows of channel ch, re-indexed from the first of them (row i_base of
-  // the channel) and from window column kl: shifting the rows by i_base flips the checkerboard
-  // parity when i_base is odd; shifting the columns by kl (2 kl pixels) does not.
-  const auto window_rows = [&](int32_t c) { return std::max(t.lo - c * geo.height, 0); };
+  // Pixel (ch, i, j) in the arguments of the fills: the window rows of channel ch, re-indexed
+  // from the first of them (row i_base of the channel) and from window column kl. Shifting the
+  // rows by i_base flips the checkerboard parity when i_base is odd; shifting the columns by kl
+  // (2 kl pixels) does not.
+  struct InWindow {
+    const float* sub;
+    int32_t height, i, j;
+    int branch;
+  };
+  const auto in_window = [&](int32_t c, int32_t row, int32_t col) {
+    const int32_t i_base = std::max(t.lo - c * geo.height, 0);
+    return InWindow{window + (c * geo.height + i_base - t.lo) * win_cols, geo.height - i_base,
+                    row - i_base, col - 2 * t.kl, branch ^ (i_base & 1)};
+  };
   out_t v[kN];
   if (base >= o0 && base + kN <= end && j + kN <= geo.width) {
     // A whole item inside one row (j is even: W and every item start are).
     DRS_FILL_SLOT_HOOK();
-    const int32_t i_base = window_rows(ch);
+    const InWindow w = in_window(ch, i, j);
     float f[kN];
-    fill_slot<kFill, kN>(window + (ch * geo.height + i_base - t.lo) * win_cols,
-                         geo.height - i_base, win_cols, i - i_base, j - 2 * t.kl,
-                         branch ^ (i_base & 1), f);
+    fill_slot<kFill, kN>(w.sub, w.height, win_cols, w.i, w.j, w.branch, f);
     for (int l = 0; l < kN; ++l) v[l] = static_cast<out_t>(f[l]);
     store_outputs(v, 0, kN, dst + base);
     return;
@@ -304,11 +312,9 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
   // An item spanning rows or cut by the tile's edge: pixel by pixel.
   for (int l = 0; l < kN; ++l) {
     if (base + l < first || base + l >= end) continue;
-    const int32_t i_base = window_rows(ch);
-    const float* sub = window + (ch * geo.height + i_base - t.lo) * win_cols;
-    v[l] = static_cast<out_t>(drs::fill_pixel(sub, geo.height - i_base, 2 * win_cols,
-                                              i - i_base, j - 2 * t.kl, branch ^ (i_base & 1),
-                                              kFill));
+    const InWindow w = in_window(ch, i, j);
+    v[l] = static_cast<out_t>(
+        drs::fill_pixel(w.sub, w.height, 2 * win_cols, w.i, w.j, w.branch, kFill));
     if (++j == geo.width) {
       j = 0;
       if (++i == geo.height) {
