@@ -144,6 +144,29 @@ def test_item_order_does_not_matter(tiling: object, out_dtype: torch.dtype) -> N
             assert torch.equal(runs[0], runs[1])
 
 
+def test_divide_by_count_is_the_ieee_division(tiling: object) -> None:
+    """fill_slot's "neighbors" divisor, diag::divide_by_count (a multiply and a correction step,
+    no division), against torch's float32 division: for count 3 every mantissa of one binade
+    (away from the subnormals and overflow the rounding depends on the mantissa alone) and every
+    subnormal, and for each count 2^20 random finite floats, all of both signs."""
+    gen = torch.Generator().manual_seed(3)
+
+    def floats(*ranges: tuple[int, int], random: int = 0) -> torch.Tensor:
+        bits = [torch.arange(lo, hi) for lo, hi in ranges]
+        bits.append(torch.randint(0, 0x7F800000, (random,), generator=gen))
+        x = torch.cat(bits).to(torch.int32).view(torch.float32)
+        return torch.cat([x, -x])
+
+    every = floats((0x3F800000, 0x40000000), (0, 0x00800001))  # [1, 2); 0, subnormals, FLT_MIN
+    extremes = torch.tensor([3.4028235e38, 1.1754942e-38, 1e-45, 0.0, 1.0, 3.0, 6.0])
+    for count in (1, 2, 3, 4):
+        x = floats(random=1 << 20)
+        x = torch.cat([x, extremes, -extremes] + ([every] if count == 3 else []))
+        got = tiling.divide_by_count(x, count)  # type: ignore[attr-defined]
+        want = x / torch.full_like(x, float(count))
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), count
+
+
 def test_shapes_reach_every_tiling_case(tiling: object) -> None:
     """The shapes above reach each case of the tiling (so the comparisons exercise it)."""
     seen: dict[tuple[torch.dtype, tuple[int, int, int, int]], dict[str, int]] = {}

@@ -22,6 +22,7 @@
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -181,13 +182,27 @@ DRS_HOST_DEVICE int32_t plane_phase(int64_t plane, int32_t plane_size) {
   return static_cast<int32_t>((plane * plane_size) % kItemOutputs);
 }
 
+// sum / count for count in 1..4, bit for bit the IEEE division of the CPU kernel, without a
+// division or a branch: q = RN(sum * RN(1 / count)) lies within an ulp of sum / count, and one
+// step with the exact residual rounds it correctly (Markstein's correction, as in the device's
+// own division before its range check). The residual enters negated, count * q - sum, so that a
+// zero quotient keeps the sign of sum. Equal to the IEEE division for every finite float and each
+// count, subnormals and signed zeros included (scripts/divide_by_count_exhaustive.cpp);
+// python_tests/test_cuda_tiling_host.py samples it against torch's division. A division per pair
+// cost each warp its slow path wherever one of its threads filled a row end.
+DRS_HOST_DEVICE float divide_by_count(float sum, int count) {
+  const float recip = count == 4 ? 0.25f : count == 3 ? 1.0f / 3.0f : count == 2 ? 0.5f : 1.0f;
+  const float q = sum * recip;
+  return fmaf(-fmaf(static_cast<float>(count), q, -sum), recip, q);
+}
+
 // kN outputs j0 .. j0 + kN - 1 of one row, j0 even, j0 + kN <= 2 wp: fill_pixel(sub, height, 2 wp,
 // i, j, branch, kFill) for each j, pair by pair (columns 2t and 2t + 1 share packed column t),
 // with the row's index math and neighbour tests shared by the pairs, 32-bit indices, and no branch
 // on the row's parity: the threads of a warp fill items of rows of both parities, so each output
-// is a select between the kept value and the filled one. "neighbors" sums and divides as the CPU
-// kernel's fill_neighbors_row does (above + below, then left, then right; the divisors 4 and 2 as
-// exact multiplies), so the host run of this code equals the CPU kernel.
+// is a select between the kept value and the filled one. "neighbors" sums as the CPU kernel's
+// fill_neighbors_row does (above + below, then left, then right) and divides as exactly
+// (divide_by_count), so the host run of this code equals the CPU kernel.
 template <drs::Fill kFill, int kN>
 DRS_HOST_DEVICE void fill_slot(const float* sub, int32_t height, int32_t wp, int32_t i, int32_t j0,
                                int branch, float out[kN]) {
@@ -230,10 +245,7 @@ DRS_HOST_DEVICE void fill_slot(const float* sub, int32_t height, int32_t wp, int
       const bool has_left = !odd_kept || has_other, has_right = odd_kept || has_other;
       float sum = has_left ? vertical + left : vertical;
       sum = has_right ? sum + right : sum;
-      const int count = has_up + has_down + 1 + has_other;
-      float filled = sum * (count == 4 ? 0.25f : 0.5f);
-      // 3 at an image edge, 1 at a row end when H = 1: a true division, as on the CPU.
-      if (count & 1) filled = sum / static_cast<float>(count);
+      const float filled = divide_by_count(sum, has_up + has_down + 1 + has_other);
       even = odd_kept ? filled : self;
       odd = odd_kept ? self : filled;
     }
@@ -335,7 +347,14 @@ template <drs::Fill kFill, typename out_t, class RunItems>
 DRS_HOST_DEVICE void run_tile(const Geometry& geo, int32_t tile, const Draw& d, const float* image,
                               int32_t phase, int branch, float* window, out_t* dst,
                               RunItems&& run_items) {
-  const Tile t = make_tile<kFill>(geo, tile);
+  Tile t = make_tile<kFill>(geo, tile);
+  // The "neighbors" fill is where nvcc recomputed the tile's bounds and the plane's phase in
+  // every phase-2 item; elsewhere pinning them costs registers (a block fewer per SM) for a few
+  // instructions.
+  if constexpr (kFill == drs::Fill::kNeighbors) {
+    keep_in_registers(t.r0, t.r1, t.k0, t.k1, t.lo, t.hi, t.kl, t.kh, t.segments, t.seg_len,
+                      t.out_segments, t.out_len, phase);
+  }
   run_items(draw_items(geo, t), [&](int32_t item) { draw_item(geo, t, item, d, image, window); });
   run_items(store_items(geo, t), [&](int32_t item) {
     store_item<kFill, out_t>(geo, t, item, phase, branch, window, dst);

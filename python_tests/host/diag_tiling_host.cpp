@@ -17,6 +17,7 @@
 #include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -210,9 +211,25 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
   return {out, stats};
 }
 
+// diag::divide_by_count of each element of `sum` (float32), for the test against torch's division.
+at::Tensor divide_by_count(const at::Tensor& sum, int64_t count) {
+  TORCH_CHECK(sum.device().is_cpu() && sum.scalar_type() == at::kFloat,
+              "divide_by_count: sum must be a float32 CPU tensor");
+  TORCH_CHECK(count >= 1 && count <= 4, "divide_by_count: count must lie in 1..4, got ", count);
+  const at::Tensor sum_c = sum.contiguous();
+  at::Tensor out = at::empty_like(sum_c);
+  const float* in = sum_c.data_ptr<float>();
+  float* quotient = out.data_ptr<float>();
+  for (int64_t k = 0; k < sum_c.numel(); ++k) {
+    quotient[k] = drs_ext::diag::divide_by_count(in[k], static_cast<int>(count));
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(drs_host_tiling, m) {
+  m.def("divide_by_count(Tensor sum, int count) -> Tensor", &divide_by_count);
   m.def(
       "run(Tensor x, float[] sigma, int num, int seed, int offset, Tensor stream, str fill, "
       "ScalarType? out_dtype, int shuffle_seed) -> (Tensor, Tensor)",
