@@ -2,7 +2,7 @@
 # The GPU run of the CUDA kernels, in one command for a machine with a CUDA GPU and a CUDA torch
 # already installed (it installs nothing else: numpy, scipy, pytest, tqdm, matplotlib and
 # scikit-learn must be there). Builds drs_ext with its CUDA kernels against that torch, then
-#   test   python_tests/test_cuda.py, then the whole suite (the CPU tests on that torch);
+#   test   python_tests/test_cuda.py, then the rest of the suite (the CPU tests on that torch);
 #   bench    benchmarks/bench_cuda.py, which rewrites the "## GPU" section of benchmarks/RESULTS.md;
 #   profile  benchmarks/profile_views.py under Nsight Compute (ncu): per views kernel its time, DRAM
 #            bytes, issue activity and instructions (a diagnosis: its failure fails nothing);
@@ -35,7 +35,8 @@ status=0
 if [[ "$stage" == test || "$stage" == all ]]; then
   python3 -m pytest python_tests/test_cuda.py -q -rs -p no:cacheprovider 2>&1 \
     | tee "$out/test_cuda.log" || status=1
-  python3 -m pytest python_tests -q -p no:cacheprovider 2>&1 | tee "$out/test_all.log" || status=1
+  python3 -m pytest python_tests -q -p no:cacheprovider --ignore python_tests/test_cuda.py 2>&1 \
+    | tee "$out/test_all.log" || status=1
 fi
 if [[ "$stage" == bench || "$stage" == all ]]; then
   python3 benchmarks/bench_cuda.py "$@" 2>&1 | tee "$out/bench_cuda.log" || status=1
