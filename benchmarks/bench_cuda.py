@@ -1,6 +1,6 @@
 """GPU benchmark of the CUDA kernels and of certification on the GPU (DESIGN.md §5).
 
-    python benchmarks/bench_cuda.py [--quick] [--no-write]
+    python benchmarks/bench_cuda.py [--quick] [--no-write | --results PATH]
 
 (a) Noisy views: drs_ext.noisy_views vs the plain-PyTorch pipeline users write today (x.repeat,
     torch.randn_like, indexing of the diagonal sub-image, 4-neighbour fill with F.pad shifts,
@@ -14,9 +14,10 @@
     (repeat, randn_like, model, argmax, .cpu() + bincount per batch; for DRS the views of (a)),
     images per second, in float32 and with autocast(float16) + channels_last.
 GPU times are CUDA-event medians after warm-up; the pipelines run alternately in the same run.
-Prints markdown tables and writes them to benchmarks/RESULTS.md under "## GPU", keeping the other
-sections. Without a CUDA device, or with a build of drs_ext without CUDA kernels, it says so and
-exits 0.
+Prints markdown tables and writes them to benchmarks/RESULTS.md (or --results PATH) under
+"## GPU", keeping the other sections: once after (a, b), so that a run cut short keeps them, and
+again after (c). Without a CUDA device, or with a build of drs_ext without CUDA kernels, it says
+so and exits 0.
 """
 
 from __future__ import annotations
@@ -298,10 +299,23 @@ def bench_certify(args: argparse.Namespace) -> list[list[str]]:
 # Report.
 
 
+def report(args: argparse.Namespace, sections: list[str], final: bool) -> None:
+    """Prints the finished report and writes the "## GPU" section of the results file."""
+    body = "\n\n".join(sections)
+    if final:
+        print("\n" + body)
+    if not args.no_write:
+        write_section("GPU", body, args.results)
+        print(f"wrote {args.results}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CIFAR views, n=10,000, 1 image")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument(
+        "--results", default=RESULTS, help="the results file whose '## GPU' section is rewritten"
+    )
     parser.add_argument("--images", type=int, default=None, help="images certified per setting")
     parser.add_argument("--batch", type=int, default=1000, help="certify batch size")
     args = parser.parse_args(argv)
@@ -318,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     args.n = 10_000 if args.quick else 100_000
     args.images = args.images or (1 if args.quick else 2)
     torch.backends.cudnn.benchmark = True
-    command = " ".join(["python", "benchmarks/bench_cuda.py", *(argv or sys.argv[1:])])
+    # The command that reruns these figures; where they were written is no part of it.
+    command = " ".join(
+        ["python", "benchmarks/bench_cuda.py"]
+        + ["--quick"] * args.quick
+        + [f"--images {args.images}"] * (args.images != (1 if args.quick else 2))
+        + [f"--batch {args.batch}"] * (args.batch != 1000)
+    )
     props = torch.cuda.get_device_properties(0)
     device = (
         f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), "
@@ -332,61 +352,62 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
     print("(a, b) noisy views")
     views = bench_views(args, copy_bw)
+    header = (
+        f"Date: {datetime.date.today().isoformat()}  \nDevice: {device}  \n"
+        f"Command: `{command}`  \nKernel times are medians of {args.repeats} CUDA-event "
+        f"timings after {args.warmup} warm-up runs, both pipelines timed alternately in the "
+        f"same run. Check: max |CUDA - CPU| of the op = {diff:.1e}. Device-to-device copy "
+        f"bandwidth: {copy_bw / 1e9:.0f} GB/s (bytes read + written / time, 1 GiB copy)."
+    )
+    views_section = (
+        "### (a, b) Noisy views\n\n"
+        "Plain: `x.repeat` + `torch.randn_like` (+ for diag: indexing of the diagonal "
+        "sub-image, noise in sub-image space, 4-neighbour fill with `F.pad` shifts), both "
+        "branches, then `.to(dtype)`. drs_ext: one `noisy_views` call per chunk with "
+        "`out_dtype`. 'of copy BW': bytes of the views written once / time, over the copy "
+        "bandwidth above (the memory-bandwidth floor of the op; the plain pipeline is "
+        "credited with the same bytes).\n\n"
+        + table(
+            [
+                "input",
+                "partition x fill",
+                "out dtype",
+                "draws",
+                "plain ms",
+                "drs_ext ms",
+                "speed-up",
+                "drs_ext GB/s",
+                "drs_ext of copy BW",
+                "plain of copy BW",
+            ],
+            views,
+        )
+    )
+    # (a, b) is written before (c) starts, so that a run cut short (a time limit) keeps it.
+    pending = "### (c) CERTIFY, CIFAR ResNet-110\n\nNot measured: the run stopped before (c)."
+    report(args, [header, views_section, pending], final=False)
     print(f"(c) CERTIFY, ResNet-110, n0=100, n={args.n}")
     certify = bench_certify(args)
-
-    body = "\n\n".join(
-        [
-            f"Date: {datetime.date.today().isoformat()}  \nDevice: {device}  \n"
-            f"Command: `{command}`  \nKernel times are medians of {args.repeats} CUDA-event "
-            f"timings after {args.warmup} warm-up runs, both pipelines timed alternately in the "
-            f"same run. Check: max |CUDA - CPU| of the op = {diff:.1e}. Device-to-device copy "
-            f"bandwidth: {copy_bw / 1e9:.0f} GB/s (bytes read + written / time, 1 GiB copy).",
-            "### (a, b) Noisy views\n\n"
-            "Plain: `x.repeat` + `torch.randn_like` (+ for diag: indexing of the diagonal "
-            "sub-image, noise in sub-image space, 4-neighbour fill with `F.pad` shifts), both "
-            "branches, then `.to(dtype)`. drs_ext: one `noisy_views` call per chunk with "
-            "`out_dtype`. 'of copy BW': bytes of the views written once / time, over the copy "
-            "bandwidth above (the memory-bandwidth floor of the op; the plain pipeline is "
-            "credited with the same bytes).\n\n"
-            + table(
-                [
-                    "input",
-                    "partition x fill",
-                    "out dtype",
-                    "draws",
-                    "plain ms",
-                    "drs_ext ms",
-                    "speed-up",
-                    "drs_ext GB/s",
-                    "drs_ext of copy BW",
-                    "plain of copy BW",
-                ],
-                views,
-            ),
-            f"### (c) CERTIFY, CIFAR ResNet-110\n\n"
-            f"n0 = 100, n = {args.n:,}, alpha = 0.001, sigma = 0.25, batch {args.batch}, "
-            f"{args.images} image(s) per row after a warm-up certify; random weights; "
-            "`torch.backends.cudnn.benchmark = True`. Cohen-style loop: per batch `repeat`, "
-            "`randn_like` (DRS: the plain views of (a) per branch), model, `argmax`, `.cpu()` "
-            "+ `bincount`. drs_ext: `SmoothedClassifier` / `DualSmoothedClassifier` (noisy_views "
-            "for both branches, vote_counts on the device, one copy per sample_counts call). "
-            "'autocast fp16 + channels_last': the classes' `autocast_dtype=torch.float16, "
-            "channels_last=True`, the model converted to channels_last, and the same for the "
-            "loop. '+ CUDA graph' adds `cuda_graph=True` (the model call captured once per batch "
-            "shape and replayed; the Cohen-style loop has no such option and runs as before). "
-            "drs_ext draws the next batch's views on a side stream while the model runs "
-            "(`prefetch_noise=True`, the default) except in the 'noise not prefetched' rows.\n\n"
-            + table(
-                ["method", "pipeline", "options", "s / image", "images / s", "speed-up"],
-                certify,
-            ),
-        ]
+    certify_section = (
+        f"### (c) CERTIFY, CIFAR ResNet-110\n\n"
+        f"n0 = 100, n = {args.n:,}, alpha = 0.001, sigma = 0.25, batch {args.batch}, "
+        f"{args.images} image(s) per row after a warm-up certify; random weights; "
+        "`torch.backends.cudnn.benchmark = True`. Cohen-style loop: per batch `repeat`, "
+        "`randn_like` (DRS: the plain views of (a) per branch), model, `argmax`, `.cpu()` "
+        "+ `bincount`. drs_ext: `SmoothedClassifier` / `DualSmoothedClassifier` (noisy_views "
+        "for both branches, vote_counts on the device, one copy per sample_counts call). "
+        "'autocast fp16 + channels_last': the classes' `autocast_dtype=torch.float16, "
+        "channels_last=True`, the model converted to channels_last, and the same for the "
+        "loop. '+ CUDA graph' adds `cuda_graph=True` (the model call captured once per batch "
+        "shape and replayed; the Cohen-style loop has no such option and runs as before). "
+        "drs_ext draws the next batch's views on a side stream while the model runs "
+        "(`prefetch_noise=True`, the default) except in the 'noise not prefetched' rows.\n\n"
+        + table(
+            ["method", "pipeline", "options", "s / image", "images / s", "speed-up"],
+            certify,
+        )
     )
-    print("\n" + body)
-    if not args.no_write:
-        write_section("GPU", body)
-        print(f"\nwrote {RESULTS}", file=sys.stderr)
+    report(args, [header, views_section, certify_section], final=True)
     return 0
 
 

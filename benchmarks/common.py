@@ -17,14 +17,20 @@ __all__ = ["RESULTS", "table", "write_section"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
-def write_section(title: str, body: str) -> None:
-    """Replace (or add) section `## title` of RESULTS.md; the other sections stay as they are."""
+def write_section(title: str, body: str, path: str = RESULTS) -> None:
+    """Replace (or add) section `## title` of the results file (RESULTS.md); the other sections
+    stay as they are."""
     text = "# drs_ext benchmark results\n\n"
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
+    if os.path.exists(path):
+        with open(path) as f:
             text = f.read()
     section = f"## {title}\n\n{body.strip()}\n\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + section
-    with open(RESULTS, "w") as f:
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip() + "\n\n" + section
+    # Written beside and renamed over: a run killed mid-write leaves the old file whole.
+    with open(path + ".tmp", "w") as f:
         f.write(text.rstrip() + "\n")
+    os.replace(path + ".tmp", path)

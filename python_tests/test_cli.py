@@ -25,6 +25,17 @@ def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cli_on_cpu():
+    """These are the command line's CPU tests, also where a GPU is visible (scripts/gpu_check.sh
+    runs them there): default_device() would move them onto CUDA, where cuDNN's choice of
+    algorithm (TF32, channels_last) can flip a near-tie vote of these tiny models, and the exact
+    row comparisons below would compare two devices. test_cuda.py certifies on CUDA."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "default_device", lambda: "cpu")
+        yield
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """Tiny npz data, an RS model and a DRS pair fine-tuned from it (paper 002's recipe)."""
