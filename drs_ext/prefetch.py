@@ -10,13 +10,23 @@ Stream order, on CUDA:
   main waits for batch i's event before it reads batch i's views;
   views.record_stream(main)      the allocator keeps a batch's memory until main is done with it.
 At most two batches of views are alive at once: the one the model reads and the next.
+The side stream is one per device for the whole process. The caching allocator keeps freed memory
+per stream, so a new pool stream per call (torch.cuda.Stream() cycles through 32) would make each
+certify call allocate its views afresh (cudaMalloc, and up to 32 streams' worth of cached views).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+
+
+@functools.cache
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream on which views are prefetched for `device` (a CUDA device with its index)."""
+    return torch.cuda.Stream(device=device)
 
 
 def prefetched(
@@ -32,7 +42,7 @@ def prefetched(
             yield start, make(start)
         return
     main = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device=device)
+    side = side_stream(device)
     side.wait_stream(main)
 
     def launch(start: int) -> tuple[torch.Tensor, torch.cuda.Event]:

@@ -424,6 +424,26 @@ def test_prefetch_changes_no_certificate() -> None:
     assert results[0][0] == 0 and results[0][1] > 0.0
 
 
+def test_repeated_calls_reuse_the_views_memory() -> None:
+    """A second sample_counts call of the same shapes allocates no new device memory: the views
+    are prefetched on one side stream per device, whose freed blocks the caching allocator hands
+    back. (On a new stream per call, each call would start new segments: cudaMalloc per image.)"""
+    from drs_ext.prefetch import side_stream
+    from drs_ext.smoothing import DualSmoothedClassifier
+
+    x = random_images((3, 16, 16), seed=21).cuda()
+    smoothed = DualSmoothedClassifier(MeanMargin(), MeanMargin(), 3, 0.25)
+    kw = {"seed": 9, "stream": 1, "offset": 0}
+    first = smoothed.sample_counts(x, [300, 300], 64, **kw)  # type: ignore[arg-type]
+    torch.cuda.synchronize()
+    segments = torch.cuda.memory_stats()["segment.all.allocated"]
+    second = smoothed.sample_counts(x, [300, 300], 64, **kw)  # type: ignore[arg-type]
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
+    assert second.tolist() == first.tolist()
+    assert side_stream(x.device) is side_stream(x.device)
+
+
 @pytest.mark.parametrize(
     "options",
     [
