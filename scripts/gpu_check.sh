@@ -40,15 +40,19 @@ python3 -m pip install --quiet --disable-pip-version-check --no-build-isolation 
 python3 -c 'import drs_ext, sys; print("drs_ext CUDA kernels:", drs_ext.built_with_cuda,
 drs_ext.cuda_archs); sys.exit(0 if drs_ext.built_with_cuda else 1)' | tee -a "$out/build.log"
 
-# Each step runs even if an earlier one failed; the exit status says whether any did.
+# Each step runs even if an earlier one failed; the exit status says whether any did. The tests
+# have time limits so that a hung kernel leaves the later steps their time (the device tool stops
+# a command at 10 minutes); pytest prints each test's name (-v) and, for a test running over 100 s,
+# the stacks of every thread (faulthandler), so the log says where it hung.
 status=0
 test_cuda() {
-  python3 -m pytest python_tests/test_cuda.py -q -rs -p no:cacheprovider 2>&1 \
-    | tee "$out/test_cuda.log" || status=1
+  timeout 240 python3 -m pytest python_tests/test_cuda.py -v -rs -p no:cacheprovider \
+    -o faulthandler_timeout=100 2>&1 | tee "$out/test_cuda.log" || status=1
 }
 test_rest() {
-  python3 -m pytest python_tests -q -p no:cacheprovider --ignore python_tests/test_cuda.py \
-    --ignore python_tests/test_cmake_build.py 2>&1 | tee "$out/test_all.log" || status=1
+  timeout 300 python3 -m pytest python_tests -q -p no:cacheprovider \
+    --ignore python_tests/test_cuda.py --ignore python_tests/test_cmake_build.py 2>&1 \
+    | tee "$out/test_all.log" || status=1
 }
 bench() {
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
@@ -63,7 +67,7 @@ profile() {
   metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
   if ! command -v ncu >/dev/null 2>&1; then
     echo "gpu_check: ncu not found: no profile" | tee "$out/ncu_views.txt"
-  elif ! ncu --clock-control none -k regex:noisy_views --metrics "$metrics" \
+  elif ! timeout 150 ncu --clock-control none -k regex:noisy_views --metrics "$metrics" \
     python3 benchmarks/profile_views.py >"$out/ncu_views.txt" 2>&1; then
     echo "gpu_check: the profile failed (see $out/ncu_views.txt)"
   fi
