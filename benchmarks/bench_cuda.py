@@ -328,17 +328,17 @@ def main(argv: list[str] | None = None) -> int:
             "CUDA (pip install --no-build-isolation -e .) to run this benchmark."
         )
         return 0
-    args.warmup, args.repeats = (2, 5) if args.quick else (3, 15)
-    args.n = 10_000 if args.quick else 100_000
-    args.images = args.images or (1 if args.quick else 2)
-    torch.backends.cudnn.benchmark = True
     # The command that reruns these figures; where they were written is no part of it.
     command = " ".join(
         ["python", "benchmarks/bench_cuda.py"]
         + ["--quick"] * args.quick
-        + [f"--images {args.images}"] * (args.images != (1 if args.quick else 2))
+        + [f"--images {args.images}"] * (args.images is not None)
         + [f"--batch {args.batch}"] * (args.batch != 1000)
     )
+    args.warmup, args.repeats = (2, 5) if args.quick else (3, 15)
+    args.n = 10_000 if args.quick else 100_000
+    args.images = args.images or (1 if args.quick else 2)
+    torch.backends.cudnn.benchmark = True
     props = torch.cuda.get_device_properties(0)
     device = (
         f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), "
