@@ -36,12 +36,12 @@ from conftest import (
     random_images,
     reference_atol,
 )
+from test_cuda import DTYPES
 from test_cuda import NONE_SHAPES as CUDA_NONE_SHAPES
 
 import drs_ext  # noqa: F401  (registers torch.ops.drs_ext)
 from drs_ext import reference
 
-DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 # test_cuda.py's shapes, plus C·H·W below one group (3) and a multiple of 4 with N > 1.
 SHAPES: list[tuple[int, int, int, int]] = [*CUDA_NONE_SHAPES, (1, 1, 1, 3), (3, 2, 2, 6)]
 # Samples per chunk: one, two and three (neither divides num = 5: a short last chunk per row),

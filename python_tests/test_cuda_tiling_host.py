@@ -28,11 +28,11 @@ from conftest import (
     reference_atol,
 )
 from test_cuda import DIAG_SHAPES as CUDA_DIAG_SHAPES
+from test_cuda import DTYPES
 
 import drs_ext  # noqa: F401  (registers torch.ops.drs_ext)
 from drs_ext import reference
 
-DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 # test_cuda.py's shapes, plus (tiling in csrc/cuda/noisy_views_diag.cuh):
 SHAPES: list[tuple[int, int, int, int]] = [
     *CUDA_DIAG_SHAPES,
