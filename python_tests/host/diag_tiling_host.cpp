@@ -62,9 +62,9 @@ namespace drs_host_tiling {
 namespace {
 
 using drs_ext::diag::Geometry;
+using drs_ext::diag::Tile;
 using drs_host::all_sentinel;
 using drs_host::kSentinelByte;
-using drs_ext::diag::Tile;
 
 // Guards on each side of the output and of the window: longer than what they guard (a stray
 // write a row or a plane away lands in them rather than in the heap), and a multiple of 64
@@ -128,8 +128,8 @@ void run_planes(const drs_ext::Common& c, const Geometry& geo, uint64_t shuffle_
     std::shuffle(tiles.begin(), tiles.end(), rng);
     for (const int32_t tile : tiles) {
       std::fill(window, window + window_floats, std::numeric_limits<float>::quiet_NaN());
-      drs_ext::diag::run_tile<kFill, out_t>(geo, tile, q.draw, image_x, phase, q.branch,
-                                                  window, dst, run_items);
+      drs_ext::diag::run_tile<kFill, out_t>(geo, tile, q.draw, image_x, phase, q.branch, window,
+                                            dst, run_items);
       TORCH_CHECK(all_sentinel(window_buf.data(), guard * sizeof(float)) &&
                       all_sentinel(window + window_floats, guard * sizeof(float)),
                   "diag tiling: a write outside the shared-memory window (tile ", tile,
