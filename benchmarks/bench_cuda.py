@@ -6,7 +6,8 @@
     torch.randn_like, indexing of the diagonal sub-image, 4-neighbour fill with F.pad shifts,
     then .to(out_dtype)), 3x32x32 and 3x224x224, num=1000 draws (ImageNet in 4 calls of 250
     draws, 300 MB of float32 views each, as a certify loop would batch them), partition
-    "diag" x fill "neighbors" and "none", float32 and float16 output.
+    "diag" x fill "neighbors" and "none", float32 and float16 output, both under
+    torch.inference_mode() as certification runs them.
 (b) Bandwidth: the bytes the op writes once / its time, as a fraction of the device-to-device
     copy bandwidth measured in the same run ((bytes read + bytes written) / time of a 1 GiB copy).
 (c) CERTIFY end to end (n0=100, n=100,000, alpha=0.001, sigma=0.25) of a CIFAR ResNet-110 with
@@ -106,7 +107,13 @@ def bench_views(args: argparse.Namespace, copy_bw: float) -> list[list[str]]:
                     fused_views, x, stream, num, chunk, sigma, partition, dtype
                 )
                 baseline = functools.partial(plain_views, plain, num, chunk, sigma, dtype)
-                ms = gpu_ms({"plain": baseline, "fused": fused}, args.warmup, args.repeats)
+                # Under inference mode, as certification calls the op (drs_ext.smoothing) and as
+                # bench_noisy_views.py times the CPU kernels. Outside it, each call also passes
+                # through the Python autograd kernel of torch.library.register_autograd: about
+                # 20 us of host time (H100 host, 2026-11-22), which shows only in calls as small
+                # as CIFAR's, whose GPU work takes about as long.
+                with torch.inference_mode():
+                    ms = gpu_ms({"plain": baseline, "fused": fused}, args.warmup, args.repeats)
                 written = branches * num * x.numel() * torch.finfo(dtype).bits // 8
                 rows.append(
                     [
@@ -364,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         "Plain: `x.repeat` + `torch.randn_like` (+ for diag: indexing of the diagonal "
         "sub-image, noise in sub-image space, 4-neighbour fill with `F.pad` shifts), both "
         "branches, then `.to(dtype)`. drs_ext: one `noisy_views` call per chunk with "
-        "`out_dtype`. 'of copy BW': bytes of the views written once / time, over the copy "
+        "`out_dtype`. Both under `torch.inference_mode()`, as certification runs them; a timing "
+        "starts with the GPU idle, so it includes the host time of launching the call (most of "
+        "a CIFAR call). 'of copy BW': bytes of the views written once / time, over the copy "
         "bandwidth above (the memory-bandwidth floor of the op; the plain pipeline is "
         "credited with the same bytes).\n\n"
         + table(

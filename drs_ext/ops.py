@@ -72,18 +72,13 @@ def noisy_views(
     P = 1 for "none": out[n, p, s] = fill_p(sub_p(x[n]) + sigma_p * eps(seed, stream[n], p,
     offset + s)). `stream` (N,) int64 holds per-image ids (default arange(N)), so an image's
     noise does not depend on the batch it sits in. `fill` is ignored for partition="none".
-    On CUDA, stream ids outside [0, 2^32) stop the kernel with a device-side assert.
+    x must be finite. On CUDA, where checking would cost a host synchronisation, a NaN or Inf in
+    x and stream ids outside [0, 2^32) stop the kernel with a device-side assert (fatal to the
+    CUDA context); the CPU kernel raises a RuntimeError.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _check_device(x)
-    if x.is_cuda:
-        # The CUDA kernel cannot check x without a host synchronisation; this asserts on the
-        # device instead (asynchronous and capturable; like any device assert it is fatal to the
-        # CUDA context). The CPU kernel checks x itself.
-        torch._assert_async(
-            torch.isfinite(x).all(), "noisy_views: x must be finite, found NaN or Inf in x"
-        )
     sigmas = _sigma_list(sigma)
     num = _check_int("num", num, 1, _MAX_SAMPLES + 1)
     seed = _check_int("seed", seed, 0, _MAX_SEED)
@@ -94,7 +89,7 @@ def noisy_views(
         lo, hi = int(stream.min()), int(stream.max())
         if lo < 0 or hi >= _MAX_STREAM:
             raise ValueError(f"stream ids must lie in [0, 2^32), got values in [{lo}, {hi}]")
-    return torch.ops.drs_ext.noisy_views(
+    return torch.ops.drs_ext.noisy_views.default(
         x, sigmas, num, seed, offset, stream, partition, fill, out_dtype
     )
 
@@ -107,7 +102,7 @@ def vote_counts(logits: torch.Tensor) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     _check_device(logits)
-    return torch.ops.drs_ext.vote_counts(logits)
+    return torch.ops.drs_ext.vote_counts.default(logits)
 
 
 @torch.library.register_fake("drs_ext::noisy_views")

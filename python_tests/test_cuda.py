@@ -3,11 +3,16 @@
 Runs only with a CUDA device and a build of drs_ext with its CUDA kernels; skipped otherwise.
 Covers every partition × fill × out_dtype on shapes that reach each tiling case of the "diag"
 kernel (one tile per plane, row tiles spanning channels, column tiles, odd sub-image widths,
-224×224), chunk and batch independence, unaligned inputs, opcheck, vote counts with ties, NaN
-and infinite logits, CUDA-graph capture, and a certificate on CUDA equal to the CPU one.
+224×224), chunk and batch independence, unaligned inputs, a non-finite x stopping the kernel,
+opcheck, vote counts with ties, NaN and infinite logits, CUDA-graph capture, and a certificate
+on CUDA equal to the CPU one.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -192,6 +197,33 @@ def test_stream_on_another_device_is_an_error() -> None:
         )
 
 
+@pytest.mark.parametrize("partition", ["diag", "none"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_x_stops_the_kernel(partition: str, bad: str) -> None:
+    """One NaN or Inf anywhere in x stops the call with the device-side assert of
+    assert_finite_kernel (in a subprocess: a device assert is fatal to the CUDA context), and the
+    same x without it runs."""
+    code = textwrap.dedent(
+        f"""
+        import sys, torch, drs_ext
+        x = torch.rand(2, 3, 20, 24, device="cuda")
+        drs_ext.noisy_views(x, 0.5, num=4, seed=1, partition="{partition}")
+        torch.cuda.synchronize()
+        print("finite x: ok", flush=True)
+        x[1, 2, 19, 23] = float("{bad}")
+        drs_ext.noisy_views(x, 0.5, num=4, seed=1, partition="{partition}")
+        torch.cuda.synchronize()
+        print("non-finite x: no error", flush=True)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    output = run.stdout + run.stderr
+    assert "finite x: ok" in run.stdout, output
+    assert "non-finite x: no error" not in run.stdout, output
+    assert run.returncode != 0, output
+    assert "x must be finite" in output and "device-side assert" in output, output
+
+
 @pytest.mark.parametrize(
     ("partition", "fill", "out_dtype"),
     [("diag", "neighbors", None), ("diag", "bilinear", torch.bfloat16), ("none", "zeros", None)],
@@ -213,7 +245,9 @@ def test_gradient_on_cuda_equals_cpu(partition: str, fill: str) -> None:
     weight = torch.randn(2, 2 if partition == "diag" else 1, 3, 3, 6, 8)
     grads = []
     for device in ("cpu", "cuda"):
-        xd = x.to(device).requires_grad_(True)
+        # A copy on each device: x.to("cpu") would be x itself, and requires_grad_ would then
+        # make the CUDA copy a non-leaf.
+        xd = x.to(device, copy=True).requires_grad_(True)
         out = drs_ext.noisy_views(xd, 0.5, num=3, seed=1, partition=partition, fill=fill)
         (out * weight.to(device)).sum().backward()
         assert xd.grad is not None

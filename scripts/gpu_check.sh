@@ -34,11 +34,34 @@ if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else
 fi
 python3 -c 'import torch; p = torch.cuda.get_device_properties(0); print(p.name, f"{p.total_memory / 2**30:.0f} GiB",
 "| torch", torch.__version__, "| CUDA", torch.version.cuda)' | tee "$out/device.txt"
+# setuptools links C++ extensions, and torch.utils.cpp_extension.load (the test harnesses of
+# python_tests/host) compiles them, with $CXX when it is set. A compiler that links libstdc++
+# statically into shared objects gives each extension a private copy of it beside the process's
+# libstdc++.so.6, and the two disagree: formatting an integer into a TORCH_CHECK message then
+# crashes the process (seen on the lent H100 image, CXX=/opt/gcc/bin/g++, 2026-11-22: the
+# harness .so had no libstdc++.so.6 in ldd and its own codecvt symbols). Build with the system
+# g++ there, and check the result below.
+if [[ -n "${CXX:-}" ]]; then
+  probe="$(mktemp -d)"
+  echo 'int f() { return 1; }' >"$probe/p.cpp"
+  if "$CXX" -shared -fPIC "$probe/p.cpp" -o "$probe/p.so" 2>/dev/null \
+    && ! ldd "$probe/p.so" | grep -q 'libstdc++'; then
+    echo "gpu_check: CXX=$CXX links libstdc++ statically into shared objects; using g++" \
+      | tee "$out/build.log"
+    export CXX=g++
+  fi
+  rm -rf "$probe"
+fi
 # An editable build against the torch that is there (no requirements.txt: it pins the CPU torch).
 python3 -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e . \
-  2>&1 | tee "$out/build.log"
+  2>&1 | tee -a "$out/build.log"
 python3 -c 'import drs_ext, sys; print("drs_ext CUDA kernels:", drs_ext.built_with_cuda,
 drs_ext.cuda_archs); sys.exit(0 if drs_ext.built_with_cuda else 1)' | tee -a "$out/build.log"
+so="$(python3 -c 'import drs_ext._C as c; print(c.__file__)')"
+if ! ldd "$so" | grep -q 'libstdc++'; then
+  echo "gpu_check: $so does not link libstdc++.so.6 dynamically (a static copy: see above)" >&2
+  exit 1
+fi
 
 # Each step runs even if an earlier one failed; the exit status says whether any did. The tests
 # have time limits so that a hung kernel leaves the later steps their time (the device tool stops
@@ -67,7 +90,7 @@ profile() {
   metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
   if ! command -v ncu >/dev/null 2>&1; then
     echo "gpu_check: ncu not found: no profile" | tee "$out/ncu_views.txt"
-  elif ! timeout 150 ncu --clock-control none -k regex:noisy_views --metrics "$metrics" \
+  elif ! timeout 150 ncu --clock-control none -k 'regex:noisy_views_(diag|none)' --metrics "$metrics" \
     python3 benchmarks/profile_views.py >"$out/ncu_views.txt" 2>&1; then
     echo "gpu_check: the profile failed (see $out/ncu_views.txt)"
   fi
