@@ -205,7 +205,7 @@ def test_non_finite_x_stops_the_kernel(partition: str, bad: str) -> None:
     same x without it runs."""
     code = textwrap.dedent(
         f"""
-        import sys, torch, drs_ext
+        import torch, drs_ext
         x = torch.rand(2, 3, 20, 24, device="cuda")
         drs_ext.noisy_views(x, 0.5, num=4, seed=1, partition="{partition}")
         torch.cuda.synchronize()

@@ -90,8 +90,8 @@ profile() {
   metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
   if ! command -v ncu >/dev/null 2>&1; then
     echo "gpu_check: ncu not found: no profile" | tee "$out/ncu_views.txt"
-  elif ! timeout 150 ncu --clock-control none -k 'regex:noisy_views_(diag|none)' --metrics "$metrics" \
-    python3 benchmarks/profile_views.py >"$out/ncu_views.txt" 2>&1; then
+  elif ! timeout 150 ncu --clock-control none -k 'regex:noisy_views_(diag|none)' \
+    --metrics "$metrics" python3 benchmarks/profile_views.py >"$out/ncu_views.txt" 2>&1; then
     echo "gpu_check: the profile failed (see $out/ncu_views.txt)"
   fi
 }
