@@ -5,11 +5,13 @@ noisy_views for partition "diag", diag::run_tile in csrc/cuda/noisy_views_diag.c
 packed plane drawn into a shared-memory window with their halo, then expanded by the fill: items
 of 8 outputs inside one row through diag::fill_slot, the others pixel by pixel), is
 plain DRS_HOST_DEVICE C++: python_tests/host/diag_tiling_host.cpp compiles it for the host and
-runs it plane by plane, tile by tile, with the items of each phase in a shuffled order (the
-threads of a block run them in any order between two barriers). Its output must equal the CPU
-kernel's (float32 within the CPU-vs-CUDA tolerance, 16-bit outputs within one ulp of it) for every
-fill × out dtype on test_cuda.py's shapes plus shapes reaching the tiling cases those miss, and
-must not depend on the item order. The harness also fails on a write outside the output or the
+runs it chunk by chunk (a block's consecutive samples of one image and branch, a shared-memory
+window each), tile by tile, with the items of each phase in a shuffled order (the threads of a
+block run them in any order between two barriers). Its output must equal the CPU kernel's
+(float32 within the CPU-vs-CUDA tolerance, 16-bit outputs within one ulp of it) for every fill ×
+out dtype on test_cuda.py's shapes plus shapes reaching the tiling cases those miss, with chunks
+of 1 and 2 samples and of the launcher's largest size, and must not depend on the item order or,
+bit for bit, on the chunk size. The harness also fails on a write outside the output or the
 window, on a window element read before phase 1 wrote it (NaN-filled window), on an output never
 written (NaN-filled output), and on a vector store that is not 16-byte aligned.
 """
@@ -46,6 +48,8 @@ SHAPES: list[tuple[int, int, int, int]] = [
 SIGMA = [0.25, 0.75]
 ITEM_OUTPUTS = 8  # diag::kItemOutputs: outputs per phase-2 item
 SEED, OFFSET = 20240611, 5
+MAX_CHUNK_SAMPLES = 8  # diag::kMaxChunkSamples
+MAX_WINDOWS_BYTES = 48 * 1024  # diag::kMaxWindowsBytes
 STATS = (
     "vec_stores",
     "window_bytes",
@@ -70,7 +74,9 @@ def tiling(tmp_path_factory: pytest.TempPathFactory) -> object:
 
 def inputs(shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, int, torch.Tensor]:
     """x, num and stream ids as test_cuda.py draws them. num >= 2: planes after the first start at
-    a non-zero phase wherever C·H·W is not a multiple of the vector width (4 or 8 outputs)."""
+    a non-zero phase wherever C·H·W is not a multiple of the vector width (4 or 8 outputs); num is
+    2 or 3, so chunks of 2 leave a short last chunk where num = 3 and chunks of the largest size
+    hold a whole row."""
     x = random_images(shape, seed=sum(shape))
     num = 2 if shape[-1] * shape[-2] > 10_000 else 3
     stream = torch.arange(shape[0], dtype=torch.int64) * 7 + 3
@@ -85,13 +91,22 @@ def run_host(
     fill: str,
     out_dtype: torch.dtype,
     shuffle_seed: int = 0,
+    samples: int = 1,
 ) -> tuple[torch.Tensor, dict[str, int]]:
-    out, stats = tiling.run(x, SIGMA, num, SEED, OFFSET, stream, fill, out_dtype, shuffle_seed)  # type: ignore[attr-defined]
+    out, stats = tiling.run(  # type: ignore[attr-defined]
+        x, SIGMA, num, SEED, OFFSET, stream, fill, out_dtype, samples, shuffle_seed
+    )
     stats_dict = dict(zip(STATS, stats.tolist(), strict=True))
     # The harness NaN-fills the output and the window: a NaN is an output never written, or one
     # computed from a window element that phase 1 did not write.
     assert bool(torch.isfinite(out).all()), "NaN outputs: not written, or read unwritten window"
     return out, stats_dict
+
+
+def chunk_sizes(tiling: object, shape: tuple[int, int, int, int]) -> list[int]:
+    """Samples per chunk to run a shape with: 1, 2 and the launcher's largest, those it allows."""
+    largest = tiling.max_chunk_samples(*shape[1:])  # type: ignore[attr-defined]
+    return sorted({1, min(2, largest), largest})
 
 
 def run_cpu(
@@ -107,17 +122,21 @@ def run_cpu(
 def test_host_tiling_equals_cpu_kernel(tiling: object, fill: str, out_dtype: torch.dtype) -> None:
     for shape in SHAPES:
         x, num, stream = inputs(shape)
-        host, _ = run_host(tiling, x, num, stream, fill, out_dtype, shuffle_seed=sum(shape))
         cpu = run_cpu(x, num, stream, fill, out_dtype)
-        assert host.shape == cpu.shape == (shape[0], 2, num, *shape[1:])
-        if out_dtype == torch.float32:
-            assert_close_to(host, cpu, parity_atol(x, SIGMA))
-        else:
-            assert_within_ulp(host, cpu, parity_atol(x, SIGMA))
-            # The cast comes last: the 16-bit output is the float32 one rounded, also when the
-            # vector stores (8 outputs instead of 4) fall differently.
-            host32, _ = run_host(tiling, x, num, stream, fill, torch.float32)
-            assert torch.equal(host, host32.to(out_dtype))
+        host32, _ = run_host(tiling, x, num, stream, fill, torch.float32)
+        for samples in chunk_sizes(tiling, shape):
+            host, _ = run_host(tiling, x, num, stream, fill, out_dtype, sum(shape), samples)
+            assert host.shape == cpu.shape == (shape[0], 2, num, *shape[1:])
+            if out_dtype == torch.float32:
+                assert_close_to(host, cpu, parity_atol(x, SIGMA))
+                # A chunk shares index math between its samples, never their noise: every chunk
+                # size gives the same bits.
+                assert torch.equal(host, host32), (shape, samples)
+            else:
+                assert_within_ulp(host, cpu, parity_atol(x, SIGMA))
+                # The cast comes last: the 16-bit output is the float32 one rounded, also when
+                # the vector stores (8 outputs instead of 4) fall differently.
+                assert torch.equal(host, host32.to(out_dtype)), (shape, samples)
 
 
 @pytest.mark.parametrize("fill", FILLS)
@@ -142,6 +161,28 @@ def test_item_order_does_not_matter(tiling: object, out_dtype: torch.dtype) -> N
         for fill in FILLS:
             runs = [run_host(tiling, x, num, stream, fill, out_dtype, s)[0] for s in (1, 2)]
             assert torch.equal(runs[0], runs[1])
+
+
+def test_max_chunk_samples(tiling: object) -> None:
+    """The launcher's largest chunk: as many windows as fit in 48 KiB, up to 8, and 1 where C·H·W
+    is not a multiple of the 8 outputs of a phase-2 item (the planes of a chunk share their
+    items). The shapes above include chunks of several samples, short last chunks and both
+    reasons for chunks of one."""
+    largest = {}
+    for shape in SHAPES:
+        _, channels, height, width = shape
+        x, num, stream = inputs(shape)
+        _, stats = run_host(tiling, x, num, stream, "neighbors", torch.float32)
+        fit = MAX_WINDOWS_BYTES // stats["window_bytes"]
+        want = 1 if channels * height * width % ITEM_OUTPUTS else min(fit, MAX_CHUNK_SAMPLES)
+        largest[shape] = tiling.max_chunk_samples(channels, height, width)  # type: ignore[attr-defined]
+        assert largest[shape] == want, shape
+    assert any(n == MAX_CHUNK_SAMPLES for n in largest.values())
+    assert any(1 < n < MAX_CHUNK_SAMPLES for n in largest.values())  # bounded by the windows
+    assert any(n == 1 and s[1] * s[2] * s[3] % ITEM_OUTPUTS for s, n in largest.items())
+    assert any(n > 2 and inputs(s)[1] % 2 for s, n in largest.items())  # a short last chunk
+    with pytest.raises(RuntimeError, match="samples per chunk must lie in 1..8"):
+        run_host(tiling, *inputs(SHAPES[0]), "neighbors", torch.float32, samples=9)
 
 
 def test_divide_by_count_is_the_ieee_division(tiling: object) -> None:

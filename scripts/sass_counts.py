@@ -8,8 +8,9 @@ executes, following unconditional branches, taking a conditional branch only whe
 slow path (a CALL: sqrt or division out of range), and adding the loop control up to the backward
 branch. Loops:
   none   the per-sample loop of write_chunk_group: 4 outputs per iteration;
-  diag   phase 1, draw_item's whole-group path (4 normals, 8 outputs), and phase 2, store_item's
-         fill_slot path (8 outputs).
+  diag   per sample of a chunk: phase 1, draw_samples<true> (a whole group: 4 normals, 8
+         outputs), and phase 2, store_item's fill_slot loop (8 outputs). An item's index math
+         runs once for all samples of its chunk and is not counted.
 These are static counts, a bound on issue, not a measurement (benchmarks/RESULTS.md says how they
 compare with the H100's issue rate). cuobjdump is not part of a pip torch: `pip download --no-deps
 nvidia-cuda-cuobjdump -d D && unzip -o D/*.whl -d D/x` gives D/x/nvidia/cu13/bin/cuobjdump.
@@ -115,14 +116,34 @@ def loop_after(code: list[tuple[int, str]], begin: int, end: int) -> tuple[int, 
     return head, back - sync + 1
 
 
+def loops(code: list[tuple[int, str]], begin: int, end: int) -> list[tuple[int, int]]:
+    """(head, backward branch) of each loop closed in code[begin:end]."""
+    return [
+        (next(h for h, (a, _) in enumerate(code) if a == branch_target(code[k][1])), k)
+        for k in range(begin, end)
+        if is_backward(code, k)
+    ]
+
+
+def loop_path(code: list[tuple[int, str]], head: int, back: int) -> int:
+    """Instructions of one iteration of the loop from head to its backward branch."""
+    return walk(code, head, re.compile(re.escape(code[back][1]) + "$"), 1, vector_path=False)
+
+
 def diag_counts(code: list[tuple[int, str]], dtype: str) -> tuple[int, int]:
     bars = [k for k, (_, i) in enumerate(code) if i.startswith("BAR.SYNC")]
-    draw_head, draw_latch = loop_after(code, 0, bars[0])
-    draw = walk(code, draw_head, re.compile(r"^STS"), 4, vector_path=False) + draw_latch
-    fill_head, fill_latch = loop_after(code, bars[0], bars[1])
+    # Phase 1's sample loops: the whole-group one stores its 4 values unpredicated.
+    draw = next(
+        loop_path(code, h, b)
+        for h, b in loops(code, 0, bars[0])
+        if sum(i.startswith("STS") for _, i in code[h:b]) == 4
+    )
+    # Phase 2's fill_slot loop: the innermost loop with the item's vector stores.
     stores = 2 if dtype == "float32" else 1
-    fill = (
-        walk(code, fill_head, re.compile(r"^STG\.E\.128"), stores, vector_path=False) + fill_latch
+    fill = min(
+        loop_path(code, h, b)
+        for h, b in loops(code, bars[0], bars[1])
+        if sum(i.startswith("STG.E.128") for _, i in code[h:b]) == stores
     )
     return draw, fill
 

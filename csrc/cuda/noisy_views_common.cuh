@@ -20,6 +20,14 @@
 #define DRS_VEC_ACCESS_HOOK(ptr, bytes)
 #endif
 
+// Before a loop the device compiler must not unroll: the loops over the samples of a chunk, whose
+// iterations, interleaved, would each hold a draw's registers. Nothing on the host.
+#if defined(__CUDA_ARCH__)
+#define DRS_NO_UNROLL _Pragma("unroll 1")
+#else
+#define DRS_NO_UNROLL
+#endif
+
 namespace drs_ext {
 
 // The noise of one (n, p, s) plane: eps(seed = key, stream, branch p, sample s) scaled by sigma_p.
@@ -83,23 +91,45 @@ DRS_HOST_DEVICE Plane locate(const Common& c, int64_t plane) {
   return locate(c, row, plane - row * c.num);
 }
 
-// Makes the compiler keep `values` in registers from here on rather than recompute them. A
-// kernel's per-tile or per-plane values (bounds, phases) are cheap functions of the launch
-// parameters, and nvcc's rematerialisation may recompute them in every iteration of a loop that
-// uses them: in the diag kernel's "neighbors" fill, about 40 of the 230 instructions of each
-// phase-2 item (8 outputs), to save no register (seen in the SASS). An empty asm that may change
-// each value stops that; it emits no instruction. A no-op on the host.
-DRS_HOST_DEVICE void keep_in_register(int32_t& value) {
-#ifdef __CUDA_ARCH__
-  asm volatile("" : "+r"(value));
-#else
-  (void)value;
-#endif
+// Chunks: up to `samples` consecutive samples of one (image, branch) row, a block's unit of work
+// (diag: with one tile of each plane). The planes of a chunk share their image, stream id and
+// key; only the sample index and the output plane differ. So whatever a thread does once per
+// plane besides drawing and writing (locating the plane, reading x, index math) it does once per
+// chunk, shared by the chunk's samples.
+struct Chunks {
+  int32_t samples;  // samples per chunk (the last chunk of a row may hold fewer)
+  int64_t per_row;  // chunks per (image, branch) row: ceil(num / samples)
+  int64_t count;    // chunks in all: rows * per_row
+};
+
+inline Chunks make_chunks(const Common& c, int32_t samples) {
+  const int64_t per_row = (c.num + samples - 1) / samples;
+  return Chunks{samples, per_row, c.planes / c.num * per_row};
 }
 
-template <typename... Ints>
-DRS_HOST_DEVICE void keep_in_registers(Ints&... values) {
-  (keep_in_register(values), ...);
+// The largest chunk, from max_samples down by halving, that still gives the launch `min_blocks`
+// blocks (blocks_per_chunk of them per chunk), so that shorter launches keep the device filled.
+inline int32_t chunk_samples(const Common& c, int32_t max_samples, int64_t blocks_per_chunk,
+                             int64_t min_blocks) {
+  int32_t samples = max_samples;
+  while (samples > 1 && make_chunks(c, samples).count * blocks_per_chunk < min_blocks) {
+    samples /= 2;
+  }
+  return samples;
+}
+
+// Chunk `chunk`: its row (image * branches + branch), its first sample and its sample count.
+struct ChunkSpan {
+  int64_t row, first;
+  int32_t count;
+};
+
+DRS_HOST_DEVICE ChunkSpan chunk_span(const Common& c, const Chunks& chunks, int64_t chunk) {
+  const int64_t row = chunk / chunks.per_row;
+  const int64_t first = (chunk - row * chunks.per_row) * chunks.samples;
+  const auto count = static_cast<int32_t>(c.num - first < chunks.samples ? c.num - first
+                                                                          : chunks.samples);
+  return ChunkSpan{row, first, count};
 }
 
 // kVec consecutive elements moved as one aligned vector (one load or store instruction).

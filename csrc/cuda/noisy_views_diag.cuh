@@ -1,13 +1,16 @@
 // Tiling of the partition="diag" noisy_views kernel (noisy_views_kernel.cu). A block owns one tile
-// of one (n, p, s) plane: packed rows [r0, r1) of the plane's C·H rows (a tile may span channels)
+// of the planes of one chunk (up to kMaxChunkSamples consecutive samples of one (image, branch)
+// row, drs_ext::Chunks): packed rows [r0, r1) of a plane's C·H rows (a tile may span channels)
 // by packed columns [k0, k1) (whole rows unless W/2 > kMaxTileCols). run_tile is a block's whole
 // work on one tile, in two phases separated by barriers:
 //   Phase 1 (draw_item): draw the Philox element groups of the tile and of the halo its fill
-//   reads, add the kept pixels of x, and keep that noisy sub-image window in shared memory.
+//   reads, add the kept pixels of x, and keep that noisy sub-image window in shared memory, one
+//   window per sample of the chunk.
 //   Phase 2 (store_item): write the tile's full-resolution pixels, the fill applied to the window
 //   (fill_slot, or drs::fill_pixel at the items that straddle rows or the tile's edge), 16
 //   bytes per store where the output allows.
-// An item is one thread's unit of work; items of a phase write disjoint locations, so the kernel
+// An item is one thread's unit of work, done for every sample of the chunk, so its index math is
+// shared by the samples; items of a phase write disjoint locations, so the kernel
 // runs them in any order between two barriers. The per-block functions are DRS_HOST_DEVICE with
 // no CUDA-only dependency: the kernel runs run_tile with a functor that strides the items of a
 // phase over the block's threads and ends with __syncthreads(). CI has no GPU, so
@@ -43,6 +46,10 @@ using Divider = at::cuda::detail::IntDivider<uint32_t>;
 
 constexpr int32_t kTileElems = 4096;   // packed elements a tile aims at (16 KB of floats)
 constexpr int32_t kMaxTileCols = 128;  // wider sub-images are split into column tiles
+constexpr int32_t kMaxChunkSamples = 8;
+// The windows of a chunk's samples share the dynamic shared memory a launch gets without opting
+// in (48 KiB); four such blocks fit in an H100's multiprocessor, three in an A100's.
+constexpr size_t kMaxWindowsBytes = 48 * 1024;
 
 // Outputs per phase-2 item, aligned to the whole output: two 16-byte vector stores of float32
 // outputs, one of 16-bit outputs. Eight rather than one store's worth of float32, because an
@@ -52,6 +59,7 @@ constexpr int kItemOutputs = 8;
 struct Geometry {
   int32_t height, width, sub_width, plane_rows;  // H, W, W/2, C·H
   int32_t tile_rows, tile_cols, col_tiles, tiles;
+  int32_t window_floats;  // a sample's window: (tile rows + halo) x (tile columns + halo)
   // Phase 1 walks (segment, group) items and phase 2 (segment, output item) items; a segment is
   // the whole window (whole-row tiles) or one of its rows (column tiles). The per-segment counts
   // are bounds over all tiles, so every divisor is fixed on the host.
@@ -75,6 +83,7 @@ inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width) {
   const bool whole_rows = geo.col_tiles == 1;
   const int32_t draw_len = whole_rows ? (geo.tile_rows + 2) * geo.sub_width : geo.tile_cols + 2;
   const int32_t store_len = whole_rows ? geo.tile_rows * geo.width : 2 * geo.tile_cols;
+  geo.window_floats = (geo.tile_rows + 2) * (whole_rows ? geo.sub_width : geo.tile_cols + 2);
   geo.draw_items_per_segment = (draw_len + 3) / 4 + 1;
   geo.store_items_per_segment = (store_len + kItemOutputs - 1) / kItemOutputs + 1;
   geo.sub_width_div = Divider(geo.sub_width);
@@ -86,10 +95,18 @@ inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width) {
   return geo;
 }
 
-// Shared memory a window can need: (tile rows + halo) x (tile columns + halo) floats.
+// Shared memory a sample's window can need.
 inline size_t window_bytes(const Geometry& geo) {
-  const int32_t cols = geo.col_tiles == 1 ? geo.sub_width : geo.tile_cols + 2;
-  return sizeof(float) * static_cast<size_t>(geo.tile_rows + 2) * cols;
+  return sizeof(float) * static_cast<size_t>(geo.window_floats);
+}
+
+// Samples per chunk the launch may take: as many windows as fit in kMaxWindowsBytes, up to
+// kMaxChunkSamples; 1 where C·H·W is not a multiple of kItemOutputs, as the planes of a chunk
+// must share their phase (plane_phase) to share phase 2's items.
+inline int32_t max_chunk_samples(const Geometry& geo, int64_t plane_size) {
+  if (plane_size % kItemOutputs != 0) return 1;
+  const auto fit = static_cast<int32_t>(kMaxWindowsBytes / window_bytes(geo));
+  return std::max(1, std::min(fit, kMaxChunkSamples));
 }
 
 // Every fill reads at most one packed row or column away from the pixel it fills.
@@ -132,48 +149,88 @@ DRS_HOST_DEVICE Tile make_tile(const Geometry& geo, int32_t tile) {
   return t;
 }
 
+// The items of a phase: per segment the bound of make_geometry (items past a segment's end
+// return at once), or for a whole-row tile (one segment) exactly the groups and output items it
+// touches, so that no warp runs for a single leftover item.
 DRS_HOST_DEVICE int32_t draw_items(const Geometry& geo, const Tile& t) {
-  return t.segments * geo.draw_items_per_segment;
+  if (t.segments > 1) return t.segments * geo.draw_items_per_segment;
+  const int32_t e0 = t.lo * geo.sub_width + t.kl;
+  return ((e0 + t.seg_len - 1) >> 2) - (e0 >> 2) + 1;
 }
 
-DRS_HOST_DEVICE int32_t store_items(const Geometry& geo, const Tile& t) {
-  return t.out_segments * geo.store_items_per_segment;
+DRS_HOST_DEVICE int32_t store_items(const Geometry& geo, const Tile& t, int32_t phase) {
+  if (t.out_segments > 1) return t.out_segments * geo.store_items_per_segment;
+  const int32_t o0 = t.r0 * geo.width + 2 * t.k0;
+  return ((phase + o0) % kItemOutputs + t.out_len + kItemOutputs - 1) / kItemOutputs;
 }
 
-// Phase 1, one item: an element group of one segment. Sets
-// window[(r - lo) * (kh - kl) + (k - kl)] = x[c, i, kept(i, k)] + sigma * eps[e] for the elements
-// e = r * W/2 + k of the group inside the segment (a group cut by a segment edge is drawn by both
-// sides, each keeping its part).
+// The planes of one chunk as a block sees them: sample k (k < samples) has the noise of `draw`
+// at sample draw.sample + k, its output plane at dst + k * plane_size and its window at
+// window + k * geo.window_floats. All share the image and the phase (max_chunk_samples).
+template <typename out_t>
+struct ChunkPlanes {
+  Draw draw;
+  int32_t samples;
+  const float* image;
+  out_t* dst;
+  int32_t plane_size;
+  int32_t phase;  // plane_phase of every plane of the chunk
+  int branch;
+};
+
+// The draws of element group `group` for each sample s of a chunk: w[l] = kept[l] + sigma *
+// eps_s[4 group + l] for the elements l inside the segment (all four when kWhole), at w in the
+// window of sample 0 and `stride` floats further for each next sample.
+template <bool kWhole>
+DRS_HOST_DEVICE void draw_samples(const Draw& d, uint32_t group, int32_t samples, int32_t stride,
+                                  const float (&kept)[4], const bool (&inside)[4], float* w) {
+  DRS_NO_UNROLL
+  for (int32_t s = 0; s < samples; ++s, w += stride) {
+    float z[4];
+    drs::normal4(*d.keys, group, d.sample + s, d.branch, d.stream, z);
+    for (int l = 0; l < 4; ++l) {
+      if (kWhole || inside[l]) w[l] = kept[l] + d.sigma * z[l];
+    }
+  }
+}
+
+// Phase 1, one item: an element group of one segment, for each sample s of the chunk. Sets
+// window_s[(r - lo) * (kh - kl) + (k - kl)] = x[c, i, kept(i, k)] + sigma * eps_s[e] for the
+// elements e = r * W/2 + k of the group inside the segment (a group cut by a segment edge is
+// drawn by both sides, each keeping its part). The group's pixels of x are read once, for all
+// samples.
 DRS_HOST_DEVICE void draw_item(const Geometry& geo, const Tile& t, int32_t item, const Draw& d,
-                               const float* image, float* window) {
+                               int32_t samples, const float* image, float* window) {
   const auto seg_g = geo.draw_items_div.divmod(static_cast<uint32_t>(item));
   const int32_t seg = static_cast<int32_t>(seg_g.div);
   const int32_t e0 = (t.lo + seg) * geo.sub_width + t.kl;  // first element of the segment
   const int32_t e = 4 * ((e0 >> 2) + static_cast<int32_t>(seg_g.mod));
   if (e >= e0 + t.seg_len) return;
-  float z[4];
-  drs::normal4(*d.keys, static_cast<uint32_t>(e >> 2), d.sample, d.branch, d.stream, z);
+  const auto group = static_cast<uint32_t>(e >> 2);
   const auto rk = geo.sub_width_div.divmod(static_cast<uint32_t>(e));
   int32_t r = static_cast<int32_t>(rk.div), k = static_cast<int32_t>(rk.mod);
   int32_t i = static_cast<int32_t>(geo.height_div.mod(static_cast<uint32_t>(r)));
-  const int32_t w0 = seg * t.seg_len + (e - e0);  // window index of element e
+  float* w = window + seg * t.seg_len + (e - e0);  // the window element of e, sample 0
+  float kept[4];
+  bool inside[4] = {true, true, true, true};
   if (e >= e0 && e + 4 <= e0 + t.seg_len && k + 4 <= geo.sub_width) {
     // The whole group inside the segment and one row: its kept pixels are every other column.
-    const float* kept = image + r * geo.width + drs::kept_column(i, k, static_cast<int>(d.branch));
-    for (int l = 0; l < 4; ++l) window[w0 + l] = kept[2 * l] + d.sigma * z[l];
+    const float* row = image + r * geo.width + drs::kept_column(i, k, static_cast<int>(d.branch));
+    for (int l = 0; l < 4; ++l) kept[l] = row[2 * l];
+    draw_samples<true>(d, group, samples, geo.window_floats, kept, inside, w);
     return;
   }
   for (int l = 0; l < 4; ++l) {
-    if (e + l >= e0 && e + l < e0 + t.seg_len) {
-      const int32_t col = static_cast<int32_t>(drs::kept_column(i, k, static_cast<int>(d.branch)));
-      window[w0 + l] = image[r * geo.width + col] + d.sigma * z[l];
-    }
+    inside[l] = e + l >= e0 && e + l < e0 + t.seg_len;
+    const int32_t col = static_cast<int32_t>(drs::kept_column(i, k, static_cast<int>(d.branch)));
+    kept[l] = inside[l] ? image[r * geo.width + col] : 0.0f;
     if (++k == geo.sub_width) {
       k = 0;
       ++r;
       i = i + 1 == geo.height ? 0 : i + 1;
     }
   }
+  draw_samples<false>(d, group, samples, geo.window_floats, kept, inside, w);
 }
 
 // Offset, in outputs, of plane `plane` (of plane_size outputs) from the previous item boundary:
@@ -274,14 +331,16 @@ DRS_HOST_DEVICE void store_outputs(const out_t (&v)[kN], int32_t begin, int32_t 
 }
 
 // Phase 2, one item: kItemOutputs outputs of one output segment (rows [r0, r1) x columns
-// [2 k0, 2 k1)). Items are aligned to the whole output: output o of the plane starts an item when
-// (phase + o) % kItemOutputs == 0, phase = plane_phase(plane index, C·H·W). An item inside one
-// row of the tile is filled by fill_slot; one cut by the tile's edge or spanning rows pixel by
-// pixel.
+// [2 k0, 2 k1)) in each plane of the chunk. Items are aligned to the whole output: output o of a
+// plane starts an item when (phase + o) % kItemOutputs == 0, phase = plane_phase(plane index,
+// C·H·W). An item inside one row of the tile is filled by fill_slot; one cut by the tile's edge or
+// spanning rows pixel by pixel.
 template <drs::Fill kFill, typename out_t>
-DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item, int32_t phase,
-                                int branch, const float* window, out_t* dst) {
+DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item,
+                                const ChunkPlanes<out_t>& planes, const float* window) {
   constexpr int kN = kItemOutputs;
+  const int32_t phase = planes.phase;
+  const int branch = planes.branch;
   const auto seg_v = geo.store_items_div.divmod(static_cast<uint32_t>(item));
   const int32_t o0 = (t.r0 + static_cast<int32_t>(seg_v.div)) * geo.width + 2 * t.k0;
   const int32_t end = o0 + t.out_len;
@@ -311,53 +370,58 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
                     row - i_base, col - 2 * t.kl, branch ^ (i_base & 1)};
   };
   out_t v[kN];
+  out_t* dst = planes.dst + base;
   if (base >= o0 && base + kN <= end && j + kN <= geo.width) {
     // A whole item inside one row (j is even: W and every item start are).
-    DRS_FILL_SLOT_HOOK();
     const InWindow w = in_window(ch, i, j);
-    float f[kN];
-    fill_slot<kFill, kN>(w.sub, w.height, win_cols, w.i, w.j, w.branch, f);
-    for (int l = 0; l < kN; ++l) v[l] = static_cast<out_t>(f[l]);
-    store_outputs(v, 0, kN, dst + base);
+    const float* sub = w.sub;
+    DRS_NO_UNROLL
+    for (int32_t s = 0; s < planes.samples; ++s) {
+      DRS_FILL_SLOT_HOOK();
+      float f[kN];
+      fill_slot<kFill, kN>(sub, w.height, win_cols, w.i, w.j, w.branch, f);
+      for (int l = 0; l < kN; ++l) v[l] = static_cast<out_t>(f[l]);
+      store_outputs(v, 0, kN, dst);
+      sub += geo.window_floats;
+      dst += planes.plane_size;
+    }
     return;
   }
   // An item spanning rows or cut by the tile's edge: pixel by pixel.
-  for (int l = 0; l < kN; ++l) {
-    if (base + l < first || base + l >= end) continue;
-    const InWindow w = in_window(ch, i, j);
-    v[l] = static_cast<out_t>(
-        drs::fill_pixel(w.sub, w.height, 2 * win_cols, w.i, w.j, w.branch, kFill));
-    if (++j == geo.width) {
-      j = 0;
-      if (++i == geo.height) {
-        i = 0;
-        ++ch;
+  DRS_NO_UNROLL
+  for (int32_t s = 0; s < planes.samples; ++s) {
+    int32_t pj = j, pi = i, pch = ch;
+    for (int l = 0; l < kN; ++l) {
+      if (base + l < first || base + l >= end) continue;
+      const InWindow w = in_window(pch, pi, pj);
+      v[l] = static_cast<out_t>(drs::fill_pixel(w.sub + s * geo.window_floats, w.height,
+                                                2 * win_cols, w.i, w.j, w.branch, kFill));
+      if (++pj == geo.width) {
+        pj = 0;
+        if (++pi == geo.height) {
+          pi = 0;
+          ++pch;
+        }
       }
     }
+    store_outputs(v, first - base, std::min(end - base, kN), dst);
+    dst += planes.plane_size;
   }
-  store_outputs(v, first - base, std::min(end - base, kN), dst + base);
 }
 
-// A block's work on tile `tile` of one plane: x of the plane's image at `image`, the plane's
-// output at `dst` with phase = plane_phase(plane index, C·H·W), `window` of window_bytes(geo).
-// run_items(count, fn) must call fn(item) once for every item in [0, count), in any order, and
-// then be a barrier: fn's writes are visible to the items of the next call, and the window is
-// free again when run_tile returns.
+// A block's work on tile `tile` of the planes of one chunk, `window` of planes.samples times
+// window_bytes(geo). run_items(count, fn) must call fn(item) once for every item in [0, count),
+// in any order, and then be a barrier: fn's writes are visible to the items of the next call, and
+// the window is free again when run_tile returns.
 template <drs::Fill kFill, typename out_t, class RunItems>
-DRS_HOST_DEVICE void run_tile(const Geometry& geo, int32_t tile, const Draw& d, const float* image,
-                              int32_t phase, int branch, float* window, out_t* dst,
-                              RunItems&& run_items) {
-  Tile t = make_tile<kFill>(geo, tile);
-  // The "neighbors" fill is where nvcc recomputed the tile's bounds and the plane's phase in
-  // every phase-2 item; elsewhere pinning them costs registers (a block fewer per SM) for a few
-  // instructions.
-  if constexpr (kFill == drs::Fill::kNeighbors) {
-    keep_in_registers(t.r0, t.r1, t.k0, t.k1, t.lo, t.hi, t.kl, t.kh, t.segments, t.seg_len,
-                      t.out_segments, t.out_len, phase);
-  }
-  run_items(draw_items(geo, t), [&](int32_t item) { draw_item(geo, t, item, d, image, window); });
-  run_items(store_items(geo, t), [&](int32_t item) {
-    store_item<kFill, out_t>(geo, t, item, phase, branch, window, dst);
+DRS_HOST_DEVICE void run_tile(const Geometry& geo, int32_t tile, ChunkPlanes<out_t> planes,
+                              float* window, RunItems&& run_items) {
+  const Tile t = make_tile<kFill>(geo, tile);
+  run_items(draw_items(geo, t), [&](int32_t item) {
+    draw_item(geo, t, item, planes.draw, planes.samples, planes.image, window);
+  });
+  run_items(store_items(geo, t, planes.phase), [&](int32_t item) {
+    store_item<kFill, out_t>(geo, t, item, planes, window);
   });
 }
 

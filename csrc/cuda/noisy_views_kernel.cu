@@ -7,12 +7,13 @@
 // (drs::normal4) and writes those 4 consecutive outputs, one vector store where the output is
 // aligned (none::write_chunk_group, which python_tests/test_cuda_none_host.py also runs on the
 // host against the CPU kernel).
-// partition "diag": a block owns one tile of one (n, p, s) plane (noisy_views_diag.cuh). It draws
-// the noisy sub-image of the tile and the one-pixel halo its fill reads into shared memory, so
-// each normal is drawn once (up to halos), then writes the tile's full-resolution pixels, 8 per
-// thread and item (diag::fill_slot, or drs::fill_pixel where an item straddles rows or the
-// tile's edge), 16 bytes per store where aligned (diag::run_tile, which
-// python_tests/test_cuda_tiling_host.py also runs on the host against the CPU kernel).
+// partition "diag": a block owns one tile of the planes of a chunk of consecutive samples of one
+// (image, branch) row (noisy_views_diag.cuh). It draws the noisy sub-image of the tile and the
+// one-pixel halo its fill reads into shared memory, a window per sample, so each normal is drawn
+// once (up to halos), then writes the tile's full-resolution pixels, 8 per thread, item and
+// sample (diag::fill_slot, or drs::fill_pixel where an item straddles rows or the tile's edge),
+// 16 bytes per store where aligned (diag::run_tile, which python_tests/test_cuda_tiling_host.py
+// also runs on the host against the CPU kernel).
 // Index math inside a plane is 32-bit (checked below), plane offsets are 64-bit.
 //
 // x must be finite; checking that on the host would cost a synchronisation, so a small kernel
@@ -74,7 +75,7 @@ void launch_assert_finite(const at::Tensor& x, cudaStream_t stream) {
 
 template <typename out_t>
 __global__ void __launch_bounds__(kThreads)
-    noisy_views_none_kernel(Common c, none::Chunks chunks, int32_t num_groups, bool vectorize,
+    noisy_views_none_kernel(Common c, Chunks chunks, int32_t num_groups, bool vectorize,
                             out_t* __restrict__ out) {
   for (int64_t chunk = blockIdx.x; chunk < chunks.count; chunk += gridDim.x) {
     for (int32_t g = blockIdx.y * blockDim.x + threadIdx.x; g < num_groups;
@@ -97,52 +98,20 @@ struct BlockItems {
   }
 };
 
-template <drs::Fill kFill, typename out_t>
-__global__ void __launch_bounds__(kThreads)
-    noisy_views_diag_kernel(Common c, diag::Geometry geo, out_t* __restrict__ out) {
-  extern __shared__ float window[];
-  for (int64_t plane = blockIdx.x; plane < c.planes; plane += gridDim.x) {
-    const Plane q = locate(c, plane);
-    const float* image = c.x + q.image * c.plane_size;
-    out_t* dst = out + plane * c.plane_size;
-    const int32_t phase = diag::plane_phase(plane, c.plane_size);
-    for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
-      diag::run_tile<kFill, out_t>(geo, tile, q.draw, image, phase, q.branch, window, dst,
-                                   BlockItems{});
-    }
-  }
+// Blocks of a diag kernel per multiprocessor, which caps its registers per thread (at 65536 /
+// (blocks * 256)): four blocks of 64 registers; three of up to 85 for the "neighbors" and
+// "bilinear" fills, which need more than 64 to keep what the samples of a chunk share without
+// spilling (77 and 64-70 with nvcc 13.0). The windows of a chunk fit four blocks too
+// (diag::kMaxWindowsBytes).
+template <drs::Fill kFill>
+constexpr int diag_blocks_per_sm() {
+  return kFill == drs::Fill::kNeighbors || kFill == drs::Fill::kBilinear ? 3 : 4;
 }
 
-template <typename out_t>
-void launch_diag(const Common& c, const diag::Geometry& geo, drs::Fill fill, out_t* out,
-                 cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(std::min(c.planes, kMaxGridX)),
-                  static_cast<unsigned>(std::min<int64_t>(geo.tiles, kMaxGridY)));
-  const size_t smem = diag::window_bytes(geo);
-  switch (fill) {
-    case drs::Fill::kNeighbors:
-      noisy_views_diag_kernel<drs::Fill::kNeighbors, out_t>
-          <<<grid, kThreads, smem, stream>>>(c, geo, out);
-      break;
-    case drs::Fill::kPair:
-      noisy_views_diag_kernel<drs::Fill::kPair, out_t>
-          <<<grid, kThreads, smem, stream>>>(c, geo, out);
-      break;
-    case drs::Fill::kBilinear:
-      noisy_views_diag_kernel<drs::Fill::kBilinear, out_t>
-          <<<grid, kThreads, smem, stream>>>(c, geo, out);
-      break;
-    case drs::Fill::kZeros:
-      noisy_views_diag_kernel<drs::Fill::kZeros, out_t>
-          <<<grid, kThreads, smem, stream>>>(c, geo, out);
-      break;
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Blocks the launch should have at least, so chunks stay short enough to fill the device: 32 per
-// multiprocessor, about five waves (the kernel's 40 registers per thread fit 6 blocks of 256).
-int64_t min_none_blocks() {
+// Blocks a launch should have at least, so chunks stay short enough to fill the device: 32 per
+// multiprocessor, five waves or more (the none kernel's 40 registers per thread fit 6 blocks of
+// 256, the diag kernels' windows 4).
+int64_t min_launch_blocks() {
   int device = 0, multiprocessors = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(
@@ -150,12 +119,64 @@ int64_t min_none_blocks() {
   return int64_t{32} * multiprocessors;
 }
 
+template <drs::Fill kFill, typename out_t>
+__global__ void __launch_bounds__(kThreads, diag_blocks_per_sm<kFill>())
+    noisy_views_diag_kernel(Common c, diag::Geometry geo, Chunks chunks, out_t* __restrict__ out) {
+  extern __shared__ float window[];
+  for (int64_t chunk = blockIdx.x; chunk < chunks.count; chunk += gridDim.x) {
+    const ChunkSpan span = chunk_span(c, chunks, chunk);
+    const Plane q = locate(c, span.row, span.first);
+    const int64_t plane = span.row * c.num + span.first;
+    const diag::ChunkPlanes<out_t> planes{q.draw,
+                                          span.count,
+                                          c.x + q.image * c.plane_size,
+                                          out + plane * c.plane_size,
+                                          c.plane_size,
+                                          diag::plane_phase(plane, c.plane_size),
+                                          q.branch};
+    for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
+      diag::run_tile<kFill, out_t>(geo, tile, planes, window, BlockItems{});
+    }
+  }
+}
+
+template <typename out_t>
+void launch_diag(const Common& c, const diag::Geometry& geo, drs::Fill fill, out_t* out,
+                 cudaStream_t stream) {
+  const int64_t blocks_per_chunk = std::min<int64_t>(geo.tiles, kMaxGridY);
+  const Chunks chunks = make_chunks(
+      c, chunk_samples(c, diag::max_chunk_samples(geo, c.plane_size), blocks_per_chunk,
+                       min_launch_blocks()));
+  const dim3 grid(static_cast<unsigned>(std::min(chunks.count, kMaxGridX)),
+                  static_cast<unsigned>(blocks_per_chunk));
+  const size_t smem = chunks.samples * diag::window_bytes(geo);
+  switch (fill) {
+    case drs::Fill::kNeighbors:
+      noisy_views_diag_kernel<drs::Fill::kNeighbors, out_t>
+          <<<grid, kThreads, smem, stream>>>(c, geo, chunks, out);
+      break;
+    case drs::Fill::kPair:
+      noisy_views_diag_kernel<drs::Fill::kPair, out_t>
+          <<<grid, kThreads, smem, stream>>>(c, geo, chunks, out);
+      break;
+    case drs::Fill::kBilinear:
+      noisy_views_diag_kernel<drs::Fill::kBilinear, out_t>
+          <<<grid, kThreads, smem, stream>>>(c, geo, chunks, out);
+      break;
+    case drs::Fill::kZeros:
+      noisy_views_diag_kernel<drs::Fill::kZeros, out_t>
+          <<<grid, kThreads, smem, stream>>>(c, geo, chunks, out);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename out_t>
 void launch_none(const Common& c, int64_t num_groups, out_t* out, cudaStream_t stream) {
   const int64_t blocks_per_chunk =
       std::min((num_groups + kThreads - 1) / kThreads, kMaxGridY);
-  const none::Chunks chunks =
-      none::make_chunks(c, none::chunk_samples(c, blocks_per_chunk, min_none_blocks()));
+  const Chunks chunks =
+      make_chunks(c, none::chunk_samples(c, blocks_per_chunk, min_launch_blocks()));
   const dim3 grid(static_cast<unsigned>(std::min(chunks.count, kMaxGridX)),
                   static_cast<unsigned>(blocks_per_chunk));
   const bool vectorize = none::can_vectorize(c.x, c.plane_size);

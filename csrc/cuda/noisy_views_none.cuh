@@ -7,7 +7,6 @@
 // python_tests/test_cuda_none_host.py runs it on the host against the CPU kernel.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 
 #include "drs/normal.h"
@@ -20,25 +19,9 @@ namespace none {
 // as much as one draw, so a chunk shares it between up to 16 draws.
 constexpr int32_t kMaxChunkSamples = 16;
 
-struct Chunks {
-  int32_t samples;  // samples per chunk (the last chunk of a row may hold fewer)
-  int64_t per_row;  // chunks per (image, branch) row: ceil(num / samples)
-  int64_t count;    // chunks in all: rows * per_row
-};
-
-inline Chunks make_chunks(const Common& c, int32_t samples) {
-  const int64_t per_row = (c.num + samples - 1) / samples;
-  return Chunks{samples, per_row, c.planes / c.num * per_row};
-}
-
-// The largest chunk, up to kMaxChunkSamples, that still gives the launch `min_blocks` blocks
-// (blocks_per_chunk of them per chunk), so that shorter launches keep the device filled.
+// The launcher's chunk size (drs_ext::chunk_samples from kMaxChunkSamples).
 inline int32_t chunk_samples(const Common& c, int64_t blocks_per_chunk, int64_t min_blocks) {
-  int32_t samples = kMaxChunkSamples;
-  while (samples > 1 && make_chunks(c, samples).count * blocks_per_chunk < min_blocks) {
-    samples /= 2;
-  }
-  return samples;
+  return drs_ext::chunk_samples(c, kMaxChunkSamples, blocks_per_chunk, min_blocks);
 }
 
 // Whether a launch may use the vector path: each group's 4 inputs and 4 outputs are aligned
@@ -53,9 +36,9 @@ inline bool can_vectorize(const float* x, int32_t plane_size) {
 template <typename out_t>
 DRS_HOST_DEVICE void write_chunk_group(const Common& c, const Chunks& chunks, int64_t chunk,
                                        int32_t g, bool vectorize, out_t* out) {
-  const int64_t row = chunk / chunks.per_row;
-  const int64_t s0 = (chunk - row * chunks.per_row) * chunks.samples;
-  const int32_t count = static_cast<int32_t>(std::min<int64_t>(chunks.samples, c.num - s0));
+  const ChunkSpan span = chunk_span(c, chunks, chunk);
+  const int64_t row = span.row, s0 = span.first;
+  const int32_t count = span.count;
   const Plane q = locate(c, row, s0);
   const Draw& d = q.draw;
   const float* image = c.x + q.image * c.plane_size;

@@ -1,19 +1,20 @@
 // The tiling of the CUDA kernel noisy_views, partition "diag" (csrc/cuda/noisy_views_kernel.cu),
 // run on the host, for python_tests/test_cuda_tiling_host.py: CI has no GPU, so this runs the
-// kernel's per-block code, diag::run_tile of csrc/cuda/noisy_views_diag.cuh, plane by plane and
-// tile by tile, with the items of each phase in a shuffled order (the threads of a block run them
-// in any order between two barriers). Built by torch.utils.cpp_extension.load; registers
-// torch.ops.drs_host_tiling.run.
+// kernel's per-block code, diag::run_tile of csrc/cuda/noisy_views_diag.cuh, chunk by chunk (of
+// `samples` consecutive samples of a row, drs_ext::make_chunks) and tile by tile, with the items of
+// each phase in a shuffled order (the threads of a block run them in any order between two
+// barriers). Built by torch.utils.cpp_extension.load; registers torch.ops.drs_host_tiling.run and
+// torch.ops.drs_host_tiling.max_chunk_samples (diag::max_chunk_samples).
 //
 // Besides the output it checks what a comparison of values cannot see:
 // - the output sits between two guard regions and starts filled with a NaN sentinel: a write
 //   outside the output fails here, an output the tiling never writes stays NaN;
-// - the shared-memory window is window_bytes(geo) between two guard regions, and is NaN-filled
-//   before every tile: a write outside it fails here, a phase-2 read of an element phase 1 did not
-//   write (or wrote for another tile) gives a NaN output;
+// - the shared-memory windows (samples x window_bytes(geo)) lie between two guard regions and are
+//   NaN-filled before every tile: a write outside them fails here, a phase-2 read of an element
+//   phase 1 did not write (or wrote for another tile or sample) gives a NaN output;
 // - every vector store of store_item is 16-byte aligned (DRS_VEC_ACCESS_HOOK), as the device
 //   needs, given an output that starts 16-byte aligned (as the CUDA allocator's do);
-// - the window fits the 48 KiB of dynamic shared memory a launch gets without opting in.
+// - the windows fit the 48 KiB of dynamic shared memory a launch gets without opting in.
 #include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -94,22 +95,22 @@ struct ShuffledItems {
 // check that its shapes reach each case).
 enum Stat : int {
   kVecStores,        // vector stores (16 bytes)
-  kWindowBytes,      // diag::window_bytes(geo)
+  kWindowBytes,      // diag::window_bytes(geo), one sample's window
   kTilesPerPlane,    // geo.tiles
   kColTiles,         // geo.col_tiles
   kSpanChannels,     // tiles whose rows span two or more channels
   kRowHalo,          // tiles with a halo row above or below (a tile edge inside a channel)
   kChannelEdge,      // tiles starting on a channel boundary other than row 0
   kColHalo,          // tiles with a halo column
-  kPhasedPlanes,     // planes whose first output is not on a vector boundary (phase != 0)
-  kFillSlots,        // items filled by diag::fill_slot (diag::kItemOutputs outputs each)
+  kPhasedPlanes,     // chunks whose first output is not on a vector boundary (phase != 0)
+  kFillSlots,        // items of a plane filled by diag::fill_slot (diag::kItemOutputs outputs)
   kNumStats
 };
 
 template <drs::Fill kFill, typename out_t>
-void run_planes(const drs_ext::Common& c, const Geometry& geo, uint64_t shuffle_seed, out_t* out,
-                int64_t* stats) {
-  const size_t window_floats = drs_ext::diag::window_bytes(geo) / sizeof(float);
+void run_chunks(const drs_ext::Common& c, const Geometry& geo, const drs_ext::Chunks& chunks,
+                uint64_t shuffle_seed, out_t* out, int64_t* stats) {
+  const size_t window_floats = static_cast<size_t>(chunks.samples) * geo.window_floats;
   const size_t guard = static_cast<size_t>(guard_len(static_cast<int64_t>(window_floats)));
   std::vector<float> window_buf(window_floats + 2 * guard);
   std::memset(window_buf.data(), kSentinelByte, window_buf.size() * sizeof(float));
@@ -117,24 +118,30 @@ void run_planes(const drs_ext::Common& c, const Geometry& geo, uint64_t shuffle_
   std::mt19937_64 rng(shuffle_seed);
   std::vector<int32_t> order, tiles(static_cast<size_t>(geo.tiles));
   const ShuffledItems run_items{&rng, &order};
-  for (int64_t plane = 0; plane < c.planes; ++plane) {
-    const drs_ext::Plane q = drs_ext::locate(c, plane);
-    const float* image_x = c.x + q.image * c.plane_size;
-    out_t* dst = out + plane * c.plane_size;
-    const int32_t phase = drs_ext::diag::plane_phase(plane, c.plane_size);
-    stats[kPhasedPlanes] += phase != 0;
+  for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
+    // The kernel's loop body (noisy_views_diag_kernel).
+    const drs_ext::ChunkSpan span = drs_ext::chunk_span(c, chunks, chunk);
+    const drs_ext::Plane q = drs_ext::locate(c, span.row, span.first);
+    const int64_t plane = span.row * c.num + span.first;
+    const drs_ext::diag::ChunkPlanes<out_t> planes{q.draw,
+                                                   span.count,
+                                                   c.x + q.image * c.plane_size,
+                                                   out + plane * c.plane_size,
+                                                   c.plane_size,
+                                                   drs_ext::diag::plane_phase(plane, c.plane_size),
+                                                   q.branch};
+    stats[kPhasedPlanes] += planes.phase != 0;
     // Blocks run their tiles in any order too.
     std::iota(tiles.begin(), tiles.end(), 0);
     std::shuffle(tiles.begin(), tiles.end(), rng);
     for (const int32_t tile : tiles) {
       std::fill(window, window + window_floats, std::numeric_limits<float>::quiet_NaN());
-      drs_ext::diag::run_tile<kFill, out_t>(geo, tile, q.draw, image_x, phase, q.branch, window,
-                                            dst, run_items);
+      drs_ext::diag::run_tile<kFill, out_t>(geo, tile, planes, window, run_items);
       TORCH_CHECK(all_sentinel(window_buf.data(), guard * sizeof(float)) &&
                       all_sentinel(window + window_floats, guard * sizeof(float)),
-                  "diag tiling: a write outside the shared-memory window (tile ", tile,
-                  " of plane ", plane, ")");
-      if (plane == 0) {
+                  "diag tiling: a write outside the shared-memory windows (tile ", tile,
+                  " of chunk ", chunk, ")");
+      if (chunk == 0) {
         const Tile t = drs_ext::diag::make_tile<kFill>(geo, tile);
         stats[kSpanChannels] += t.r0 / geo.height != (t.r1 - 1) / geo.height;
         stats[kRowHalo] += t.lo < t.r0 || t.hi > t.r1;
@@ -149,11 +156,14 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
                                        int64_t num, int64_t seed, int64_t offset,
                                        const at::Tensor& stream, c10::string_view fill,
                                        std::optional<at::ScalarType> out_dtype,
-                                       int64_t shuffle_seed) {
+                                       int64_t samples, int64_t shuffle_seed) {
   // The real op's argument checks and seed split (key0, key1).
   const drs_ext::NoisyViewsArgs args = drs_ext::check_noisy_views_args(
       x, sigma, num, seed, offset, stream, "diag", fill, out_dtype);
   TORCH_CHECK(x.device().is_cpu() && stream.device().is_cpu(), "diag tiling: CPU tensors only");
+  TORCH_CHECK(samples >= 1 && samples <= drs_ext::diag::kMaxChunkSamples,
+              "diag tiling: samples per chunk must lie in 1..", drs_ext::diag::kMaxChunkSamples,
+              ", got ", samples);
   const int64_t images = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t plane_size = channels * height * width;
   TORCH_CHECK(plane_size <= std::numeric_limits<int32_t>::max() - 64,
@@ -163,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
   const drs_ext::Common c =
       drs_ext::make_common(args, x_c.data_ptr<float>(), stream_c.data_ptr<int64_t>(), images,
                            static_cast<int32_t>(plane_size), num, offset);
+  const drs_ext::Chunks chunks = drs_ext::make_chunks(c, static_cast<int32_t>(samples));
   const int64_t numel = c.planes * plane_size;
   const int64_t guard = guard_len(plane_size);
   at::Tensor buffer = at::empty({numel + 2 * guard}, x.options().dtype(args.out_dtype));
@@ -179,24 +190,27 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
         st[kWindowBytes] = static_cast<int64_t>(drs_ext::diag::window_bytes(geo));
         st[kTilesPerPlane] = geo.tiles;
         st[kColTiles] = geo.col_tiles;
-        TORCH_CHECK(drs_ext::diag::window_bytes(geo) <= kMaxWindowBytes,
-                    "diag tiling: the window needs ", drs_ext::diag::window_bytes(geo),
-                    " bytes of shared memory, more than a launch gets");
+        TORCH_CHECK(samples == 1 || plane_size % drs_ext::diag::kItemOutputs == 0,
+                    "diag tiling: chunks of ", samples, " samples need C·H·W to be a multiple "
+                    "of ", drs_ext::diag::kItemOutputs, " (the planes of a chunk share a phase)");
+        const size_t bytes = static_cast<size_t>(samples) * drs_ext::diag::window_bytes(geo);
+        TORCH_CHECK(bytes <= kMaxWindowBytes, "diag tiling: the windows of ", samples,
+                    " samples need ", bytes, " bytes of shared memory, more than a launch gets");
         vec_stores = 0;
         fill_slots = 0;
         const auto seed_u = static_cast<uint64_t>(shuffle_seed);
         switch (args.fill) {
           case drs::Fill::kNeighbors:
-            run_planes<drs::Fill::kNeighbors, scalar_t>(c, geo, seed_u, out, st);
+            run_chunks<drs::Fill::kNeighbors, scalar_t>(c, geo, chunks, seed_u, out, st);
             break;
           case drs::Fill::kPair:
-            run_planes<drs::Fill::kPair, scalar_t>(c, geo, seed_u, out, st);
+            run_chunks<drs::Fill::kPair, scalar_t>(c, geo, chunks, seed_u, out, st);
             break;
           case drs::Fill::kBilinear:
-            run_planes<drs::Fill::kBilinear, scalar_t>(c, geo, seed_u, out, st);
+            run_chunks<drs::Fill::kBilinear, scalar_t>(c, geo, chunks, seed_u, out, st);
             break;
           case drs::Fill::kZeros:
-            run_planes<drs::Fill::kZeros, scalar_t>(c, geo, seed_u, out, st);
+            run_chunks<drs::Fill::kZeros, scalar_t>(c, geo, chunks, seed_u, out, st);
             break;
         }
         st[kVecStores] = vec_stores;
@@ -209,6 +223,15 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
   at::Tensor out = buffer.narrow(0, guard, numel)
                        .view({images, args.branches, num, channels, height, width});
   return {out, stats};
+}
+
+// The launcher's largest chunk for images of shape (C, H, W): diag::max_chunk_samples.
+int64_t max_chunk_samples(int64_t channels, int64_t height, int64_t width) {
+  TORCH_CHECK(channels >= 1 && height >= 1 && width >= 2 && width % 2 == 0,
+              "max_chunk_samples: need C >= 1, H >= 1 and an even W >= 2, got (", channels, ", ",
+              height, ", ", width, ")");
+  const Geometry geo = drs_ext::diag::make_geometry(channels, height, width);
+  return drs_ext::diag::max_chunk_samples(geo, channels * height * width);
 }
 
 // diag::divide_by_count of each element of `sum` (float32), for the test against torch's division.
@@ -232,8 +255,9 @@ TORCH_LIBRARY(drs_host_tiling, m) {
   m.def("divide_by_count(Tensor sum, int count) -> Tensor", &divide_by_count);
   m.def(
       "run(Tensor x, float[] sigma, int num, int seed, int offset, Tensor stream, str fill, "
-      "ScalarType? out_dtype, int shuffle_seed) -> (Tensor, Tensor)",
+      "ScalarType? out_dtype, int samples, int shuffle_seed) -> (Tensor, Tensor)",
       &run);
+  m.def("max_chunk_samples(int channels, int height, int width) -> int", &max_chunk_samples);
 }
 
 }  // namespace drs_host_tiling

@@ -1,8 +1,8 @@
 // The CUDA kernel noisy_views for partition "none" (csrc/cuda/noisy_views_kernel.cu) run on the
 // host, for python_tests/test_cuda_none_host.py: CI has no GPU, so this runs the kernel's loop,
 // none::write_chunk_group of csrc/cuda/noisy_views_none.cuh for every element group of every
-// chunk of `samples` consecutive samples of a row (none::make_chunks), with the launcher's choice
-// of the vector path (none::can_vectorize). Built by torch.utils.cpp_extension.load; registers
+// chunk of `samples` consecutive samples of a row (drs_ext::make_chunks), with the launcher's
+// choice of the vector path (none::can_vectorize). Built by torch.utils.cpp_extension.load; registers
 // torch.ops.drs_host_none.run and torch.ops.drs_host_none.chunk_samples (the launcher's chunk
 // size, none::chunk_samples).
 //
@@ -106,8 +106,7 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
   const drs_ext::Common c =
       drs_ext::make_common(args, x_c.data_ptr<float>(), stream_c.data_ptr<int64_t>(), images,
                            static_cast<int32_t>(plane_size), num, offset);
-  const drs_ext::none::Chunks chunks =
-      drs_ext::none::make_chunks(c, static_cast<int32_t>(samples));
+  const drs_ext::Chunks chunks = drs_ext::make_chunks(c, static_cast<int32_t>(samples));
   const int64_t numel = c.planes * plane_size;
   const bool vectorize = drs_ext::none::can_vectorize(c.x, c.plane_size);
   at::Tensor buffer = at::empty({numel + 2 * kGuard}, x.options().dtype(args.out_dtype));
