@@ -239,6 +239,23 @@ DRS_HOST_DEVICE int32_t plane_phase(int64_t plane, int32_t plane_size) {
   return static_cast<int32_t>((plane * plane_size) % kItemOutputs);
 }
 
+// The planes of chunk `chunk` of a launch writing `out`: what a block (and the host run of the
+// kernel) takes for the chunk.
+template <typename out_t>
+DRS_HOST_DEVICE ChunkPlanes<out_t> chunk_planes(const Common& c, const Chunks& chunks,
+                                                int64_t chunk, out_t* out) {
+  const ChunkSpan span = chunk_span(c, chunks, chunk);
+  const Plane q = locate(c, span.row, span.first);
+  const int64_t plane = span.row * c.num + span.first;
+  return ChunkPlanes<out_t>{q.draw,
+                            span.count,
+                            c.x + q.image * c.plane_size,
+                            out + plane * c.plane_size,
+                            c.plane_size,
+                            plane_phase(plane, c.plane_size),
+                            q.branch};
+}
+
 // sum / count for count in 1..4, bit for bit the IEEE division of the CPU kernel, without a
 // division or a branch: q = RN(sum * RN(1 / count)) lies within an ulp of sum / count, and one
 // step with the exact residual rounds it correctly (Markstein's correction, as in the device's

@@ -110,7 +110,7 @@ constexpr int diag_blocks_per_sm() {
 
 // Blocks a launch should have at least, so chunks stay short enough to fill the device: 32 per
 // multiprocessor, five waves or more (the none kernel's 40 registers per thread fit 6 blocks of
-// 256, the diag kernels' windows 4).
+// 256, the diag kernels 3 or 4: diag_blocks_per_sm).
 int64_t min_launch_blocks() {
   int device = 0, multiprocessors = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -124,16 +124,7 @@ __global__ void __launch_bounds__(kThreads, diag_blocks_per_sm<kFill>())
     noisy_views_diag_kernel(Common c, diag::Geometry geo, Chunks chunks, out_t* __restrict__ out) {
   extern __shared__ float window[];
   for (int64_t chunk = blockIdx.x; chunk < chunks.count; chunk += gridDim.x) {
-    const ChunkSpan span = chunk_span(c, chunks, chunk);
-    const Plane q = locate(c, span.row, span.first);
-    const int64_t plane = span.row * c.num + span.first;
-    const diag::ChunkPlanes<out_t> planes{q.draw,
-                                          span.count,
-                                          c.x + q.image * c.plane_size,
-                                          out + plane * c.plane_size,
-                                          c.plane_size,
-                                          diag::plane_phase(plane, c.plane_size),
-                                          q.branch};
+    const diag::ChunkPlanes<out_t> planes = diag::chunk_planes(c, chunks, chunk, out);
     for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
       diag::run_tile<kFill, out_t>(geo, tile, planes, window, BlockItems{});
     }

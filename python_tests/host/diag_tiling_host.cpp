@@ -120,16 +120,7 @@ void run_chunks(const drs_ext::Common& c, const Geometry& geo, const drs_ext::Ch
   const ShuffledItems run_items{&rng, &order};
   for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
     // The kernel's loop body (noisy_views_diag_kernel).
-    const drs_ext::ChunkSpan span = drs_ext::chunk_span(c, chunks, chunk);
-    const drs_ext::Plane q = drs_ext::locate(c, span.row, span.first);
-    const int64_t plane = span.row * c.num + span.first;
-    const drs_ext::diag::ChunkPlanes<out_t> planes{q.draw,
-                                                   span.count,
-                                                   c.x + q.image * c.plane_size,
-                                                   out + plane * c.plane_size,
-                                                   c.plane_size,
-                                                   drs_ext::diag::plane_phase(plane, c.plane_size),
-                                                   q.branch};
+    const auto planes = drs_ext::diag::chunk_planes(c, chunks, chunk, out);
     stats[kPhasedPlanes] += planes.phase != 0;
     // Blocks run their tiles in any order too.
     std::iota(tiles.begin(), tiles.end(), 0);
