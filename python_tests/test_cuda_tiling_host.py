@@ -166,8 +166,8 @@ def test_item_order_does_not_matter(tiling: object, out_dtype: torch.dtype) -> N
 def test_max_chunk_samples(tiling: object) -> None:
     """The launcher's largest chunk: as many windows as fit in 48 KiB, up to 8, and 1 where C·H·W
     is not a multiple of the 8 outputs of a phase-2 item (the planes of a chunk share their
-    items). The shapes above include chunks of several samples, short last chunks and both
-    reasons for chunks of one."""
+    items). The shapes above include chunks of 8, chunks bounded by the windows, short last
+    chunks, and chunks of one for a C·H·W that is not a multiple of 8."""
     largest = {}
     for shape in SHAPES:
         _, channels, height, width = shape
