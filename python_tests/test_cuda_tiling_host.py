@@ -186,7 +186,7 @@ def test_max_chunk_samples(tiling: object) -> None:
 
 
 def test_divide_by_count_is_the_ieee_division(tiling: object) -> None:
-    """fill_slot's "neighbors" divisor, diag::divide_by_count (a multiply and a correction step,
+    """The device's "neighbors" divisor, drs::divide_by_count (a multiply and a correction step,
     no division), against torch's float32 division: for count 3 every mantissa of one binade
     (away from the subnormals and overflow the rounding depends on the mantissa alone) and every
     subnormal, and for each count 2^20 random finite floats, all of both signs."""

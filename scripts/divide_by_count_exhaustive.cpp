@@ -1,19 +1,18 @@
-// Exhaustive check of drs_ext::diag::divide_by_count (csrc/cuda/noisy_views_diag.cuh), the
-// branch-free division of the CUDA "neighbors" fill: for every finite float32 x of both signs and
-// each count in 1..4 it must give the bits of the IEEE division x / count that the CPU kernel
-// computes. 4 x 2^32 cases, about 2 minutes on 2 cores; the test suite samples the same claim
+// Exhaustive check of drs::divide_by_count (csrc/include/drs/partition.h), the branch-free
+// division of the "neighbors" fill on the device (diag::fill_slot, drs::fill_pixel): for every
+// finite float32 x of both signs and each count in 1..4 it must give the bits of the IEEE division
+// x / count that the CPU kernel computes. 4 x 2^32 cases, about 2 minutes on 2 cores; the test
+// suite samples the same claim
 // (python_tests/test_cuda_tiling_host.py::test_divide_by_count_is_the_ieee_division).
 //
-//   c++ -O2 -std=c++20 -fopenmp -Icsrc -Icsrc/include -Icsrc/cuda \
-//     $(python -c 'from torch.utils.cpp_extension import include_paths as p
-//   print(" ".join("-I" + d for d in p()))') \
-//     scripts/divide_by_count_exhaustive.cpp -o /tmp/divide_by_count && /tmp/divide_by_count
+//   c++ -O2 -std=c++20 -fopenmp -Icsrc/include scripts/divide_by_count_exhaustive.cpp \
+//     -o /tmp/divide_by_count && /tmp/divide_by_count
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 
-#include "noisy_views_diag.cuh"
+#include "drs/partition.h"
 
 int main() {
   int64_t failures = 0;
@@ -26,7 +25,7 @@ int main() {
       std::memcpy(&x, &u, sizeof x);
       if (!std::isfinite(x)) continue;
       const volatile float want = x / static_cast<float>(count);
-      const float got = drs_ext::diag::divide_by_count(x, count);
+      const float got = drs::divide_by_count(x, count);
       const float w = want;
       differ += std::memcmp(&got, &w, sizeof got) != 0;
     }

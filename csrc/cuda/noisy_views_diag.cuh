@@ -256,27 +256,13 @@ DRS_HOST_DEVICE ChunkPlanes<out_t> chunk_planes(const Common& c, const Chunks& c
                             q.branch};
 }
 
-// sum / count for count in 1..4, bit for bit the IEEE division of the CPU kernel, without a
-// division or a branch: q = RN(sum * RN(1 / count)) lies within an ulp of sum / count, and one
-// step with the exact residual rounds it correctly (Markstein's correction, as in the device's
-// own division before its range check). The residual enters negated, count * q - sum, so that a
-// zero quotient keeps the sign of sum. Equal to the IEEE division for every finite float and each
-// count, subnormals and signed zeros included (scripts/divide_by_count_exhaustive.cpp);
-// python_tests/test_cuda_tiling_host.py samples it against torch's division. A division per pair
-// cost each warp its slow path wherever one of its threads filled a row end.
-DRS_HOST_DEVICE float divide_by_count(float sum, int count) {
-  const float recip = count == 4 ? 0.25f : count == 3 ? 1.0f / 3.0f : count == 2 ? 0.5f : 1.0f;
-  const float q = sum * recip;
-  return fmaf(-fmaf(static_cast<float>(count), q, -sum), recip, q);
-}
-
 // kN outputs j0 .. j0 + kN - 1 of one row, j0 even, j0 + kN <= 2 wp: fill_pixel(sub, height, 2 wp,
 // i, j, branch, kFill) for each j, pair by pair (columns 2t and 2t + 1 share packed column t),
 // with the row's index math and neighbour tests shared by the pairs, 32-bit indices, and no branch
 // on the row's parity: the threads of a warp fill items of rows of both parities, so each output
 // is a select between the kept value and the filled one. "neighbors" sums as the CPU kernel's
 // fill_neighbors_row does (above + below, then left, then right) and divides as exactly
-// (divide_by_count), so the host run of this code equals the CPU kernel.
+// (drs::divide_by_count), so the host run of this code equals the CPU kernel.
 template <drs::Fill kFill, int kN>
 DRS_HOST_DEVICE void fill_slot(const float* sub, int32_t height, int32_t wp, int32_t i, int32_t j0,
                                int branch, float out[kN]) {
@@ -319,7 +305,7 @@ DRS_HOST_DEVICE void fill_slot(const float* sub, int32_t height, int32_t wp, int
       const bool has_left = !odd_kept || has_other, has_right = odd_kept || has_other;
       float sum = has_left ? vertical + left : vertical;
       sum = has_right ? sum + right : sum;
-      const float filled = divide_by_count(sum, has_up + has_down + 1 + has_other);
+      const float filled = drs::divide_by_count(sum, has_up + has_down + 1 + has_other);
       even = odd_kept ? filled : self;
       odd = odd_kept ? self : filled;
     }
@@ -411,8 +397,9 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
     for (int l = 0; l < kN; ++l) {
       if (base + l < first || base + l >= end) continue;
       const InWindow w = in_window(pch, pi, pj);
-      v[l] = static_cast<out_t>(drs::fill_pixel(w.sub + s * geo.window_floats, w.height,
-                                                2 * win_cols, w.i, w.j, w.branch, kFill));
+      v[l] = static_cast<out_t>(drs::fill_pixel<int32_t>(w.sub + s * geo.window_floats,
+                                                         w.height, 2 * win_cols, w.i, w.j,
+                                                         w.branch, kFill));
       if (++pj == geo.width) {
         pj = 0;
         if (++pi == geo.height) {

@@ -98,19 +98,17 @@ struct BlockItems {
   }
 };
 
-// Blocks of a diag kernel per multiprocessor, which caps its registers per thread (at 65536 /
-// (blocks * 256)): four blocks of 64 registers; three of up to 85 for the "neighbors" and
-// "bilinear" fills, which need more than 64 to keep what the samples of a chunk share without
-// spilling (77 and 64-70 with nvcc 13.0). The windows of a chunk fit four blocks too
-// (diag::kMaxWindowsBytes).
-template <drs::Fill kFill>
-constexpr int diag_blocks_per_sm() {
-  return kFill == drs::Fill::kNeighbors || kFill == drs::Fill::kBilinear ? 3 : 4;
-}
+// Blocks of a diag kernel per multiprocessor: four, which caps its registers at 64 per thread
+// (65536 / (4 * 256)); the windows of a chunk fit four blocks too (diag::kMaxWindowsBytes). Every
+// fill fits without spilling (57-64 registers with nvcc 13.0; scripts/nvcc_check.sh rejects a
+// spill) because nothing wide stays live across the items: no division (drs::divide_by_count),
+// 32-bit indices in the pixel-by-pixel fill, and no loop over chunks (launch_diag). At three
+// blocks, where "neighbors" used 77 registers, 24 of the 64 warp slots were filled instead of 32.
+constexpr int kDiagBlocksPerSm = 4;
 
 // Blocks a launch should have at least, so chunks stay short enough to fill the device: 32 per
 // multiprocessor, five waves or more (the none kernel's 40 registers per thread fit 6 blocks of
-// 256, the diag kernels 3 or 4: diag_blocks_per_sm).
+// 256, the diag kernels kDiagBlocksPerSm).
 int64_t min_launch_blocks() {
   int device = 0, multiprocessors = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -120,14 +118,30 @@ int64_t min_launch_blocks() {
 }
 
 template <drs::Fill kFill, typename out_t>
-__global__ void __launch_bounds__(kThreads, diag_blocks_per_sm<kFill>())
-    noisy_views_diag_kernel(Common c, diag::Geometry geo, Chunks chunks, out_t* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads, kDiagBlocksPerSm)
+    noisy_views_diag_kernel(Common c, diag::Geometry geo, Chunks chunks, int64_t first_chunk,
+                            out_t* __restrict__ out) {
   extern __shared__ float window[];
-  for (int64_t chunk = blockIdx.x; chunk < chunks.count; chunk += gridDim.x) {
-    const diag::ChunkPlanes<out_t> planes = diag::chunk_planes(c, chunks, chunk, out);
-    for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
-      diag::run_tile<kFill, out_t>(geo, tile, planes, window, BlockItems{});
-    }
+  const diag::ChunkPlanes<out_t> planes =
+      diag::chunk_planes(c, chunks, first_chunk + blockIdx.x, out);
+  for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
+    diag::run_tile<kFill, out_t>(geo, tile, planes, window, BlockItems{});
+  }
+}
+
+// The diag kernel of `fill`.
+template <typename out_t>
+auto diag_kernel(drs::Fill fill) {
+  switch (fill) {
+    case drs::Fill::kPair:
+      return &noisy_views_diag_kernel<drs::Fill::kPair, out_t>;
+    case drs::Fill::kBilinear:
+      return &noisy_views_diag_kernel<drs::Fill::kBilinear, out_t>;
+    case drs::Fill::kZeros:
+      return &noisy_views_diag_kernel<drs::Fill::kZeros, out_t>;
+    case drs::Fill::kNeighbors:
+    default:
+      return &noisy_views_diag_kernel<drs::Fill::kNeighbors, out_t>;
   }
 }
 
@@ -138,28 +152,17 @@ void launch_diag(const Common& c, const diag::Geometry& geo, drs::Fill fill, out
   const Chunks chunks = make_chunks(
       c, chunk_samples(c, diag::max_chunk_samples(geo, c.plane_size), blocks_per_chunk,
                        min_launch_blocks()));
-  const dim3 grid(static_cast<unsigned>(std::min(chunks.count, kMaxGridX)),
-                  static_cast<unsigned>(blocks_per_chunk));
   const size_t smem = chunks.samples * diag::window_bytes(geo);
-  switch (fill) {
-    case drs::Fill::kNeighbors:
-      noisy_views_diag_kernel<drs::Fill::kNeighbors, out_t>
-          <<<grid, kThreads, smem, stream>>>(c, geo, chunks, out);
-      break;
-    case drs::Fill::kPair:
-      noisy_views_diag_kernel<drs::Fill::kPair, out_t>
-          <<<grid, kThreads, smem, stream>>>(c, geo, chunks, out);
-      break;
-    case drs::Fill::kBilinear:
-      noisy_views_diag_kernel<drs::Fill::kBilinear, out_t>
-          <<<grid, kThreads, smem, stream>>>(c, geo, chunks, out);
-      break;
-    case drs::Fill::kZeros:
-      noisy_views_diag_kernel<drs::Fill::kZeros, out_t>
-          <<<grid, kThreads, smem, stream>>>(c, geo, chunks, out);
-      break;
+  const auto kernel = diag_kernel<out_t>(fill);
+  // A block per (chunk, tile), in one launch unless there are more chunks than grid.x allows:
+  // the kernel then holds no 64-bit loop counter over chunks, two registers through all its
+  // work that the "neighbors" fill cannot spare at 64.
+  for (int64_t first = 0; first < chunks.count; first += kMaxGridX) {
+    const dim3 grid(static_cast<unsigned>(std::min(chunks.count - first, kMaxGridX)),
+                    static_cast<unsigned>(blocks_per_chunk));
+    kernel<<<grid, kThreads, smem, stream>>>(c, geo, chunks, first, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename out_t>

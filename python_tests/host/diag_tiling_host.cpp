@@ -225,7 +225,7 @@ int64_t max_chunk_samples(int64_t channels, int64_t height, int64_t width) {
   return drs_ext::diag::max_chunk_samples(geo, channels * height * width);
 }
 
-// diag::divide_by_count of each element of `sum` (float32), for the test against torch's division.
+// drs::divide_by_count of each element of `sum` (float32), for the test against torch's division.
 at::Tensor divide_by_count(const at::Tensor& sum, int64_t count) {
   TORCH_CHECK(sum.device().is_cpu() && sum.scalar_type() == at::kFloat,
               "divide_by_count: sum must be a float32 CPU tensor");
@@ -235,7 +235,7 @@ at::Tensor divide_by_count(const at::Tensor& sum, int64_t count) {
   const float* in = sum_c.data_ptr<float>();
   float* quotient = out.data_ptr<float>();
   for (int64_t k = 0; k < sum_c.numel(); ++k) {
-    quotient[k] = drs_ext::diag::divide_by_count(in[k], static_cast<int>(count));
+    quotient[k] = drs::divide_by_count(in[k], static_cast<int>(count));
   }
   return out;
 }
