@@ -175,7 +175,6 @@ struct ChunkPlanes {
   out_t* dst;
   int32_t plane_size;
   int32_t phase;  // plane_phase of every plane of the chunk
-  int branch;
 };
 
 // The draws of element group `group` for each sample s of a chunk: w[l] = kept[l] + sigma *
@@ -252,8 +251,7 @@ DRS_HOST_DEVICE ChunkPlanes<out_t> chunk_planes(const Common& c, const Chunks& c
                             c.x + q.image * c.plane_size,
                             out + plane * c.plane_size,
                             c.plane_size,
-                            plane_phase(plane, c.plane_size),
-                            q.branch};
+                            plane_phase(plane, c.plane_size)};
 }
 
 // kN outputs j0 .. j0 + kN - 1 of one row, j0 even, j0 + kN <= 2 wp: fill_pixel(sub, height, 2 wp,
@@ -343,7 +341,7 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
                                 const ChunkPlanes<out_t>& planes, const float* window) {
   constexpr int kN = kItemOutputs;
   const int32_t phase = planes.phase;
-  const int branch = planes.branch;
+  const int branch = static_cast<int>(planes.draw.branch);
   const auto seg_v = geo.store_items_div.divmod(static_cast<uint32_t>(item));
   const int32_t o0 = (t.r0 + static_cast<int32_t>(seg_v.div)) * geo.width + 2 * t.k0;
   const int32_t end = o0 + t.out_len;
