@@ -132,11 +132,11 @@ def test_host_none_kernel_rejects_empty_chunks(none_kernel: object) -> None:
 
 
 def expected_chunk_samples(images: int, num: int, blocks_per_chunk: int, min_blocks: int) -> int:
-    """The launcher's rule: the largest power of two s <= 16 whose chunks give at least
-    min_blocks blocks, images * ceil(num / s) chunks of blocks_per_chunk blocks each; else 1."""
+    """The launcher's rule: the largest s <= 16 whose chunks give at least min_blocks blocks,
+    images * ceil(num / s) chunks of blocks_per_chunk blocks each; else 1."""
     enough = [
         s
-        for s in (2**k for k in range(MAX_CHUNK_SAMPLES.bit_length()))
+        for s in range(1, MAX_CHUNK_SAMPLES + 1)
         if images * -(-num // s) * blocks_per_chunk >= min_blocks
     ]
     return max(enough, default=1)
@@ -150,12 +150,14 @@ def test_chunk_samples(none_kernel: object) -> None:
     # minimum of an H100, 32 blocks per multiprocessor).
     assert chunk_samples(1, 100_000, 147, 32 * 132) == MAX_CHUNK_SAMPLES
     assert chunk_samples(64, 16, 1, 0) == MAX_CHUNK_SAMPLES
-    # Halved until the launch has min_blocks blocks: 7, 13, 25 chunks for 16, 8, 4 samples.
-    assert chunk_samples(1, 100, 1, 20) == 4
+    # The largest chunk that gives the launch min_blocks blocks, not only a halving of 16:
+    # 17 and 20 chunks for 6 and 5 samples, 12 and 13 for 9 and 8.
+    assert chunk_samples(1, 100, 1, 20) == 5
     assert chunk_samples(1, 100, 1, 13) == 8
-    # Exactly min_blocks is enough: 2 images, 2 chunks of 16 each, 3 blocks per chunk.
+    # Exactly min_blocks is enough: 2 images, 2 chunks of 16 each, 3 blocks per chunk; one more
+    # and 3 chunks of 15 each (18 blocks) are needed.
     assert chunk_samples(2, 32, 3, 12) == 16
-    assert chunk_samples(2, 32, 3, 13) == 8
+    assert chunk_samples(2, 32, 3, 13) == 15
     # Not enough even with one sample per chunk: 1.
     assert chunk_samples(1, 3, 1, 1000) == 1
     assert chunk_samples(0, 5, 1, 1) == 1

@@ -181,6 +181,11 @@ def test_max_chunk_samples(tiling: object) -> None:
     assert any(1 < n < MAX_CHUNK_SAMPLES for n in largest.values())  # bounded by the windows
     assert any(n == 1 and s[1] * s[2] * s[3] % ITEM_OUTPUTS for s, n in largest.items())
     assert any(n > 2 and inputs(s)[1] % 2 for s, n in largest.items())  # a short last chunk
+    # Known answers. A tile of whole channels takes no halo row: a CIFAR plane is one tile of 96
+    # rows of 16 packed floats, a 6 KiB window, 8 of them in 48 KiB. An ImageNet tile is 36 rows
+    # of 112 with its edges inside a channel: 38 rows with the halo, 17,024 bytes, 2 of them.
+    assert tiling.max_chunk_samples(3, 32, 32) == 8  # type: ignore[attr-defined]
+    assert tiling.max_chunk_samples(3, 224, 224) == 2  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="samples per chunk must lie in 1..8"):
         run_host(tiling, *inputs(SHAPES[0]), "neighbors", torch.float32, samples=9)
 

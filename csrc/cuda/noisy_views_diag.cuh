@@ -78,12 +78,17 @@ inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width) {
   geo.tile_cols = (geo.sub_width + geo.col_tiles - 1) / geo.col_tiles;
   geo.tile_rows = std::min(geo.plane_rows, std::max(1, kTileElems / geo.tile_cols));
   geo.tiles = (geo.plane_rows + geo.tile_rows - 1) / geo.tile_rows * geo.col_tiles;
+  // Halo rows are taken only inside a channel (make_tile), so tiles of whole channels have none:
+  // a CIFAR plane (96 rows of 16) is one tile whose window is 6 KB, and eight samples' windows
+  // fit the 48 KiB of kMaxWindowsBytes instead of seven.
+  const int32_t halo_rows = geo.tile_rows % geo.height == 0 ? 0 : 2;
   // Longest segment of a window (phase 1, halo included) and of a tile's output (phase 2); a
   // range of L elements touches at most (L + 3) / 4 + 1 groups and (L + 7) / 8 + 1 output items.
   const bool whole_rows = geo.col_tiles == 1;
-  const int32_t draw_len = whole_rows ? (geo.tile_rows + 2) * geo.sub_width : geo.tile_cols + 2;
+  const int32_t window_rows = geo.tile_rows + halo_rows;
+  const int32_t draw_len = whole_rows ? window_rows * geo.sub_width : geo.tile_cols + 2;
   const int32_t store_len = whole_rows ? geo.tile_rows * geo.width : 2 * geo.tile_cols;
-  geo.window_floats = (geo.tile_rows + 2) * (whole_rows ? geo.sub_width : geo.tile_cols + 2);
+  geo.window_floats = window_rows * (whole_rows ? geo.sub_width : geo.tile_cols + 2);
   geo.draw_items_per_segment = (draw_len + 3) / 4 + 1;
   geo.store_items_per_segment = (store_len + kItemOutputs - 1) / kItemOutputs + 1;
   geo.sub_width_div = Divider(geo.sub_width);
