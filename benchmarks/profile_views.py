@@ -13,12 +13,19 @@ import torch
 import drs_ext
 
 # (name, (C, H, W), images, num, partition): about 300 MB of float32 views each, as in
-# benchmarks/bench_cuda.py's views table; fill "neighbors".
+# benchmarks/bench_cuda.py's views table; fill "neighbors". Then CIFAR diag launches of 3, 6 and
+# 24 images, which the launcher gives chunks of 1, 2 and 8 samples (6000 blocks each on an H100;
+# the 12 images above get chunks of 5, 4800 blocks): instructions per output against chunk size,
+# to fit the set-up cost that a chunk's samples share. Nsight Compute's dynamic shared memory per
+# block is the chunk size times a CIFAR window, 6 KiB.
 SETTINGS: list[tuple[str, tuple[int, int, int], int, int, str]] = [
     ("cifar-diag", (3, 32, 32), 12, 1000, "diag"),
     ("cifar-none", (3, 32, 32), 24, 1000, "none"),
     ("imagenet-diag", (3, 224, 224), 1, 250, "diag"),
     ("imagenet-none", (3, 224, 224), 2, 250, "none"),
+    ("cifar-diag-3-images", (3, 32, 32), 3, 1000, "diag"),
+    ("cifar-diag-6-images", (3, 32, 32), 6, 1000, "diag"),
+    ("cifar-diag-24-images", (3, 32, 32), 24, 1000, "diag"),
 ]
 
 

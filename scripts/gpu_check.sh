@@ -9,8 +9,11 @@
 #            copy of benchmarks/RESULTS.md), after (a, b) and again after (c), so a run stopped by
 #            a time limit still brings back what it measured; copied back into benchmarks/ at the
 #            end;
-#   profile  benchmarks/profile_views.py under Nsight Compute (ncu): per views kernel its time, DRAM
-#            bytes, issue activity and instructions (a diagnosis: its failure fails nothing);
+#   profile  benchmarks/trace_views.py (torch.profiler: where the time of the calls bench times
+#            goes: host lead-in, views kernels, finiteness check, idle), then
+#            benchmarks/profile_views.py under Nsight Compute (ncu): per views kernel its time, DRAM
+#            bytes, issue activity, instructions and launch shape (diagnoses: their failure fails
+#            nothing);
 #   all      all three (the default), most telling first: test_cuda.py, bench, profile, and the
 #            rest of the suite last.
 # Logs go to $OUT (default gpu_out/).
@@ -88,6 +91,9 @@ profile() {
   metrics+=,sm__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active
   metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed
   metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
+  metrics+=,launch__grid_size,launch__shared_mem_per_block_dynamic,launch__registers_per_thread
+  timeout 120 python3 benchmarks/trace_views.py 2>&1 | tee "$out/trace_views.txt" \
+    || echo "gpu_check: the trace failed (see $out/trace_views.txt)"
   if ! command -v ncu >/dev/null 2>&1; then
     echo "gpu_check: ncu not found: no profile" | tee "$out/ncu_views.txt"
   elif ! timeout 150 ncu --clock-control none -k 'regex:noisy_views_(diag|none)' \
