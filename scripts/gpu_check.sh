@@ -71,16 +71,34 @@ fi
 # a command at 10 minutes); pytest prints each test's name (-v) and, for a test running over 100 s,
 # the stacks of every thread (faulthandler), so the log says where it hung.
 status=0
+# The GPU's clocks, power, temperature and throttle reasons every 250 ms while this script runs
+# ($out/clocks.csv), and each stage's start time in $out/stages.txt to line them up with: the
+# kernels are bound by instruction issue, so their times follow the SM clock, and bench_cuda.py
+# (long runs) and ncu (single launches) may not see the same one.
+clocks_pid=""
+if command -v nvidia-smi >/dev/null 2>&1; then
+  fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
+  if nvidia-smi --query-gpu="$fields,clocks_throttle_reasons.active" --format=csv >/dev/null 2>&1; then
+    fields+=,clocks_throttle_reasons.active
+  fi
+  nvidia-smi --query-gpu="$fields" --format=csv -lms 250 >"$out/clocks.csv" 2>&1 &
+  clocks_pid=$!
+  trap 'kill "$clocks_pid" 2>/dev/null || true' EXIT
+fi
+stage_start() { echo "$1 $(date '+%Y/%m/%d %H:%M:%S.%3N')" >>"$out/stages.txt"; }
 test_cuda() {
+  stage_start test_cuda
   timeout 240 python3 -m pytest python_tests/test_cuda.py -v -rs -p no:cacheprovider \
     -o faulthandler_timeout=100 2>&1 | tee "$out/test_cuda.log" || status=1
 }
 test_rest() {
+  stage_start test_rest
   timeout 300 python3 -m pytest python_tests -q -p no:cacheprovider \
     --ignore python_tests/test_cuda.py --ignore python_tests/test_cmake_build.py 2>&1 \
     | tee "$out/test_all.log" || status=1
 }
 bench() {
+  stage_start bench
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
   python3 benchmarks/bench_cuda.py --results "$out/RESULTS.md" "$@" 2>&1 \
     | tee "$out/bench_cuda.log" || status=1
@@ -92,8 +110,10 @@ profile() {
   metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed
   metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
   metrics+=,launch__grid_size,launch__shared_mem_per_block_dynamic,launch__registers_per_thread
+  stage_start trace
   timeout 120 python3 benchmarks/trace_views.py 2>&1 | tee "$out/trace_views.txt" \
     || echo "gpu_check: the trace failed (see $out/trace_views.txt)"
+  stage_start ncu
   if ! command -v ncu >/dev/null 2>&1; then
     echo "gpu_check: ncu not found: no profile" | tee "$out/ncu_views.txt"
   elif ! timeout 150 ncu --clock-control none -k 'regex:noisy_views_(diag|none)' \
