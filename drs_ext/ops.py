@@ -14,7 +14,6 @@ from . import _C
 PARTITIONS = ("diag", "none")
 FILLS = ("neighbors", "pair", "bilinear", "zeros")
 _MAX_SEED = 2**63
-_MAX_STREAM = 2**32
 _MAX_SAMPLES = 2**56  # sample indices offset .. offset+num-1 (csrc/include/drs/philox.h)
 
 
@@ -72,9 +71,9 @@ def noisy_views(
     P = 1 for "none": out[n, p, s] = fill_p(sub_p(x[n]) + sigma_p * eps(seed, stream[n], p,
     offset + s)). `stream` (N,) int64 holds per-image ids (default arange(N)), so an image's
     noise does not depend on the batch it sits in. `fill` is ignored for partition="none".
-    x must be finite. On CUDA, where checking would cost a host synchronisation, a NaN or Inf in
-    x and stream ids outside [0, 2^32) stop the kernel with a device-side assert (fatal to the
-    CUDA context); the CPU kernel raises a RuntimeError.
+    x must be finite and stream ids must lie in [0, 2^32). On CUDA, where checking would cost a
+    host synchronisation, a NaN or Inf in x or a stream id out of range stops the kernel with a
+    device-side assert (fatal to the CUDA context); the CPU kernel raises a RuntimeError.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -83,12 +82,10 @@ def noisy_views(
     num = _check_int("num", num, 1, _MAX_SAMPLES + 1)
     seed = _check_int("seed", seed, 0, _MAX_SEED)
     offset = _check_int("offset", offset, 0, _MAX_SAMPLES)
+    # Stream ids are range-checked by the kernels (reading them here would cost a host sync on
+    # CUDA and break torch.compile, which cannot branch on tensor data).
     if stream is None:
         stream = torch.arange(x.shape[0] if x.dim() > 0 else 0, device=x.device)
-    elif isinstance(stream, torch.Tensor) and stream.numel() > 0 and not stream.is_cuda:
-        lo, hi = int(stream.min()), int(stream.max())
-        if lo < 0 or hi >= _MAX_STREAM:
-            raise ValueError(f"stream ids must lie in [0, 2^32), got values in [{lo}, {hi}]")
     return torch.ops.drs_ext.noisy_views.default(
         x, sigmas, num, seed, offset, stream, partition, fill, out_dtype
     )

@@ -404,6 +404,28 @@ def test_opcheck_noisy_views_with_grad(partition: str, fill: str) -> None:
     torch.library.opcheck(torch.ops.drs_ext.noisy_views.default, args)
 
 
+@pytest.mark.parametrize("stream", [None, torch.tensor([3, 8])])
+def test_public_call_compiles_as_one_graph(stream: torch.Tensor | None) -> None:
+    """drs_ext.noisy_views under torch.compile(fullgraph=True): no check of the wrapper reads
+    tensor data (which would break the graph), and the compiled views and gradient equal the
+    eager ones."""
+    x = random_images((2, 3, 4, 6), seed=20)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        views = drs_ext.noisy_views(x, [0.5, 0.25], num=3, seed=7, offset=2, stream=stream)
+        return (views * views).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (loss, compiled):
+        xg = x.clone().requires_grad_()
+        value = fn(xg)
+        value.backward()
+        grads.append((value.detach(), xg.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
+
+
 def test_fake_impl_shapes() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 

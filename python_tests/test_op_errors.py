@@ -110,13 +110,13 @@ NOISY_VIEWS_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] 
     (
         "stream -1",
         call(stream=torch.tensor([0, -1])),
-        ValueError,
+        RuntimeError,
         r"stream ids must lie in \[0, 2\^32\).*-1",
     ),
     (
         "stream 2^32",
         call(stream=torch.tensor([2**32, 0])),
-        ValueError,
+        RuntimeError,
         r"stream ids must lie in \[0, 2\^32\).*4294967296",
     ),
     ("stream list", call(stream=[0, 1]), (RuntimeError, TypeError), r"stream"),  # type: ignore[list-item]
