@@ -17,7 +17,8 @@ import drs_ext
 # 24 images, which the launcher gives chunks of 1, 2 and 8 samples (6000 blocks each on an H100;
 # the 12 images above get chunks of 5, 4800 blocks): instructions per output against chunk size,
 # to fit the set-up cost that a chunk's samples share. Nsight Compute's dynamic shared memory per
-# block is the chunk size times a CIFAR window, 6 KiB.
+# block is the chunk size times a CIFAR window, 6 KiB. Last, the certify-sized CIFAR call that
+# bench_cuda.py times (one image, 2000 planes: chunks of 1, too few blocks for larger ones).
 SETTINGS: list[tuple[str, tuple[int, int, int], int, int, str]] = [
     ("cifar-diag", (3, 32, 32), 12, 1000, "diag"),
     ("cifar-none", (3, 32, 32), 24, 1000, "none"),
@@ -26,6 +27,7 @@ SETTINGS: list[tuple[str, tuple[int, int, int], int, int, str]] = [
     ("cifar-diag-3-images", (3, 32, 32), 3, 1000, "diag"),
     ("cifar-diag-6-images", (3, 32, 32), 6, 1000, "diag"),
     ("cifar-diag-24-images", (3, 32, 32), 24, 1000, "diag"),
+    ("cifar-diag-1-image", (3, 32, 32), 1, 1000, "diag"),
 ]
 
 
