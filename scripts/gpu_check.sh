@@ -12,8 +12,9 @@
 #   profile  benchmarks/trace_views.py (torch.profiler: where the time of the calls bench times
 #            goes: host lead-in, views kernels, finiteness check, idle), then
 #            benchmarks/profile_views.py under Nsight Compute (ncu): per views kernel its time, DRAM
-#            bytes, issue activity, instructions and launch shape (diagnoses: their failure fails
-#            nothing);
+#            bytes, issue activity, instructions, launch shape and warp stall reasons (barrier
+#            waits show the cost of blocks whose threads have unequal item counts) (diagnoses:
+#            their failure fails nothing);
 #   all      all three (the default), most telling first: test_cuda.py, bench, profile, and the
 #            rest of the suite last.
 # Logs go to $OUT (default gpu_out/).
@@ -116,8 +117,9 @@ profile() {
   stage_start ncu
   if ! command -v ncu >/dev/null 2>&1; then
     echo "gpu_check: ncu not found: no profile" | tee "$out/ncu_views.txt"
-  elif ! timeout 150 ncu --clock-control none -k 'regex:noisy_views_(diag|none)' \
-    --metrics "$metrics" python3 benchmarks/profile_views.py >"$out/ncu_views.txt" 2>&1; then
+  elif ! timeout 200 ncu --clock-control none -k 'regex:noisy_views_(diag|none)' \
+    --metrics "$metrics" --section WarpStateStats python3 benchmarks/profile_views.py \
+    >"$out/ncu_views.txt" 2>&1; then
     echo "gpu_check: the profile failed (see $out/ncu_views.txt)"
   fi
 }
