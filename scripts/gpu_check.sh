@@ -15,18 +15,21 @@
 #            bytes, issue activity, instructions, launch shape and warp stall reasons (barrier
 #            waits show the cost of blocks whose threads have unequal item counts) (diagnoses:
 #            their failure fails nothing);
-#   all      all three (the default), most telling first: test_cuda.py, bench, profile, and the
-#            rest of the suite last.
+#   tune     benchmarks/tune_diag.py: the diag kernel in other launch shapes (block size, chunk
+#            size, tile size) timed side by side with the library's call, each checked bit for
+#            bit against it (builds benchmarks/tune/diag_tune.cu: a minute or two; not in all);
+#   all      test, bench and profile (the default), most telling first: test_cuda.py, bench,
+#            profile, and the rest of the suite last.
 # Logs go to $OUT (default gpu_out/).
 #
-# Usage: bash scripts/gpu_check.sh [test|bench|profile|all] [extra arguments for bench_cuda.py]
+# Usage: bash scripts/gpu_check.sh [test|bench|profile|tune|all] [arguments for bench_cuda.py]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-all}"
 shift || true
 case "$stage" in
-  test | bench | profile | all) ;;
-  *) echo "gpu_check: unknown stage '$stage' (test, bench, profile or all)" >&2; exit 2 ;;
+  test | bench | profile | tune | all) ;;
+  *) echo "gpu_check: unknown stage '$stage' (test, bench, profile, tune or all)" >&2; exit 2 ;;
 esac
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
@@ -123,8 +126,13 @@ profile() {
     echo "gpu_check: the profile failed (see $out/ncu_views.txt)"
   fi
 }
+tune() {
+  stage_start tune
+  timeout 500 python3 benchmarks/tune_diag.py 2>&1 | tee "$out/tune_diag.txt" || status=1
+}
 case "$stage" in
   test) test_cuda; test_rest ;;
+  tune) tune ;;
   bench) bench "$@" ;;
   profile) profile ;;
   all) test_cuda; bench "$@"; profile; test_rest ;;

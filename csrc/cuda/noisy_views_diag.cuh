@@ -68,7 +68,10 @@ struct Geometry {
   Divider draw_items_div, store_items_div;
 };
 
-inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width) {
+// tile_elems: the packed elements a tile aims at (kTileElems; benchmarks/tune/diag_tune.cu
+// tries others).
+inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width,
+                              int32_t tile_elems = kTileElems) {
   Geometry geo;
   geo.height = static_cast<int32_t>(height);
   geo.width = static_cast<int32_t>(width);
@@ -76,7 +79,7 @@ inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width) {
   geo.plane_rows = static_cast<int32_t>(channels * height);
   geo.col_tiles = (geo.sub_width + kMaxTileCols - 1) / kMaxTileCols;
   geo.tile_cols = (geo.sub_width + geo.col_tiles - 1) / geo.col_tiles;
-  geo.tile_rows = std::min(geo.plane_rows, std::max(1, kTileElems / geo.tile_cols));
+  geo.tile_rows = std::min(geo.plane_rows, std::max(1, tile_elems / geo.tile_cols));
   geo.tiles = (geo.plane_rows + geo.tile_rows - 1) / geo.tile_rows * geo.col_tiles;
   // Halo rows are taken only inside a channel (make_tile), so tiles of whole channels have none:
   // a CIFAR plane (96 rows of 16) is one tile whose window is 6 KB, and eight samples' windows
@@ -431,6 +434,32 @@ DRS_HOST_DEVICE void run_tile(const Geometry& geo, int32_t tile, ChunkPlanes<out
     store_item<kFill, out_t>(geo, t, item, planes, window);
   });
 }
+
+#if defined(__CUDACC__)
+// run_items of run_tile on the device: the block's threads stride over the items, then a barrier.
+struct BlockItems {
+  template <class Fn>
+  __device__ __forceinline__ void operator()(int32_t count, Fn&& fn) const {
+    for (int32_t item = threadIdx.x; item < count; item += blockDim.x) fn(item);
+    __syncthreads();
+  }
+};
+
+// The diag kernel: block (x, y) runs chunk first_chunk + x on tiles y, y + gridDim.y, ..., with
+// chunks.samples * window_bytes(geo) of dynamic shared memory. kThreads and kBlocksPerSm are its
+// launch bounds: noisy_views_kernel.cu launches 256 threads at 4 blocks per multiprocessor, and
+// benchmarks/tune/diag_tune.cu times other shapes of the same code.
+template <drs::Fill kFill, typename out_t, int kThreads, int kBlocksPerSm>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    noisy_views_diag_kernel(Common c, Geometry geo, Chunks chunks, int64_t first_chunk,
+                            out_t* __restrict__ out) {
+  extern __shared__ float window[];
+  const ChunkPlanes<out_t> planes = chunk_planes(c, chunks, first_chunk + blockIdx.x, out);
+  for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
+    run_tile<kFill, out_t>(geo, tile, planes, window, BlockItems{});
+  }
+}
+#endif
 
 }  // namespace diag
 }  // namespace drs_ext

@@ -89,15 +89,6 @@ __global__ void __launch_bounds__(kThreads)
 // partition "diag": tiles of the packed (C·H, W/2) plane staged in shared memory
 // (noisy_views_diag.cuh).
 
-// run_items of diag::run_tile: the block's threads stride over the items, then a barrier.
-struct BlockItems {
-  template <class Fn>
-  __device__ __forceinline__ void operator()(int32_t count, Fn&& fn) const {
-    for (int32_t item = threadIdx.x; item < count; item += blockDim.x) fn(item);
-    __syncthreads();
-  }
-};
-
 // Blocks of a diag kernel per multiprocessor: four, which caps its registers at 64 per thread
 // (65536 / (4 * 256)); the windows of a chunk fit four blocks too (diag::kMaxWindowsBytes). Every
 // fill fits without spilling (57-64 registers with nvcc 13.0; scripts/nvcc_check.sh rejects a
@@ -117,31 +108,21 @@ int64_t min_launch_blocks() {
   return int64_t{32} * multiprocessors;
 }
 
-template <drs::Fill kFill, typename out_t>
-__global__ void __launch_bounds__(kThreads, kDiagBlocksPerSm)
-    noisy_views_diag_kernel(Common c, diag::Geometry geo, Chunks chunks, int64_t first_chunk,
-                            out_t* __restrict__ out) {
-  extern __shared__ float window[];
-  const diag::ChunkPlanes<out_t> planes =
-      diag::chunk_planes(c, chunks, first_chunk + blockIdx.x, out);
-  for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
-    diag::run_tile<kFill, out_t>(geo, tile, planes, window, BlockItems{});
-  }
-}
-
-// The diag kernel of `fill`.
+// The diag kernel of `fill`, at 256 threads and kDiagBlocksPerSm blocks per multiprocessor.
 template <typename out_t>
 auto diag_kernel(drs::Fill fill) {
   switch (fill) {
     case drs::Fill::kPair:
-      return &noisy_views_diag_kernel<drs::Fill::kPair, out_t>;
+      return &diag::noisy_views_diag_kernel<drs::Fill::kPair, out_t, kThreads, kDiagBlocksPerSm>;
     case drs::Fill::kBilinear:
-      return &noisy_views_diag_kernel<drs::Fill::kBilinear, out_t>;
+      return &diag::noisy_views_diag_kernel<drs::Fill::kBilinear, out_t, kThreads,
+                                            kDiagBlocksPerSm>;
     case drs::Fill::kZeros:
-      return &noisy_views_diag_kernel<drs::Fill::kZeros, out_t>;
+      return &diag::noisy_views_diag_kernel<drs::Fill::kZeros, out_t, kThreads, kDiagBlocksPerSm>;
     case drs::Fill::kNeighbors:
     default:
-      return &noisy_views_diag_kernel<drs::Fill::kNeighbors, out_t>;
+      return &diag::noisy_views_diag_kernel<drs::Fill::kNeighbors, out_t, kThreads,
+                                            kDiagBlocksPerSm>;
   }
 }
 
