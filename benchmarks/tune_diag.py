@@ -10,9 +10,11 @@ it, or 128 threads at 8 (the same 64-register cap), a chunk of 1 .. as many 48 K
 a tile of tile_elems packed elements. For each setting (the CIFAR launch that Nsight Compute
 profiles, the certify-sized CIFAR call, an ImageNet call) it checks every shape's views against
 drs_ext.noisy_views bit for bit, then times all of them and the library's call alternately
-(CUDA-event medians after warm-up, as benchmarks/bench_cuda.py times). A shape's time includes
-only its kernel; the library call also launches assert_finite_kernel. Prints a markdown table
-per setting and writes nothing. Without a CUDA device or drs_ext's CUDA kernels it says so and
+(CUDA-event medians after warm-up, as benchmarks/bench_cuda.py times). Compare the shapes with
+each other: a shape's call is the op alone (torch.ops.drs_tune.diag_views, one kernel), while
+the library's call also passes through drs_ext.noisy_views's Python wrapper and launches
+assert_finite_kernel, which shows in calls as small as the certify-sized one. Prints a markdown
+table per setting and writes nothing. Without a CUDA device or drs_ext's CUDA kernels it says so and
 exits 0.
 """
 
