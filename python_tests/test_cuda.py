@@ -3,7 +3,8 @@
 Runs only with a CUDA device and a build of drs_ext with its CUDA kernels; skipped otherwise.
 Covers every partition × fill × out_dtype on shapes that reach each tiling case of the "diag"
 kernel (one tile per plane, row tiles spanning channels, column tiles, odd sub-image widths,
-224×224), chunk and batch independence, unaligned inputs, a non-finite x stopping the kernel,
+224×224), chunk and batch independence, launches large enough that blocks share chunks of
+samples against small ones, unaligned inputs, a non-finite x stopping the kernel,
 opcheck, vote counts with ties, NaN and infinite logits, CUDA-graph capture, and a certificate
 on CUDA equal to the CPU one.
 """
@@ -163,6 +164,37 @@ def test_chunks_and_batches_are_independent_on_cuda(partition: str, fill: str) -
             fill=fill,
         )
         assert torch.equal(whole[n : n + 1], alone)
+
+
+@pytest.mark.parametrize(
+    ("partition", "fill", "out_dtype"),
+    [(p, f, torch.float32) for p, f in CASES] + [("diag", "neighbors", torch.float16)],
+)
+def test_large_launches_share_chunks_and_equal_small_ones(
+    partition: str, fill: str, out_dtype: torch.dtype
+) -> None:
+    """The launcher gives a block a chunk of several samples only when the launch has blocks to
+    spare (at least 32 per multiprocessor; csrc/cuda/noisy_views_kernel.cu): never in the small
+    calls above. 24 CIFAR images x 1000 draws get chunks of 2 or more on any GPU with up to 750
+    multiprocessors (diag: 24,000 blocks at chunks of 2; an H100's 132 give chunks of 8 here,
+    and the none kernel's chunks of 16); each image's own call gets chunks of 1 on any GPU with
+    47 or more. Same views, bit for bit."""
+    x = random_images((24, 3, 32, 32), seed=7).cuda()
+    stream = torch.arange(24) * 5 + 1
+    kw = {"partition": partition, "fill": fill, "out_dtype": out_dtype, "offset": 0}
+    whole = views(x, sigma_for(partition), num=1000, stream=stream, **kw)  # type: ignore[arg-type]
+    for n in range(24):
+        alone = views(x[n : n + 1], sigma_for(partition), num=1000, stream=stream[n : n + 1], **kw)  # type: ignore[arg-type]
+        assert torch.equal(whole[n], alone[0]), n
+
+
+def test_imagenet_launch_shares_chunks_and_equals_single_draws() -> None:
+    """An ImageNet call of 250 draws (19 tiles with halo rows, 2 samples' windows per block on
+    a GPU with up to 148 multiprocessors) equals 250 calls of one draw each, bit for bit."""
+    x = random_images((1, 3, 224, 224), seed=8).cuda()
+    whole = views(x, [0.25, 0.75], num=250, offset=0)
+    for k in range(250):
+        assert torch.equal(whole[:, :, k : k + 1], views(x, [0.25, 0.75], num=1, offset=k)), k
 
 
 @pytest.mark.parametrize(("partition", "fill"), CASES)
