@@ -82,8 +82,9 @@ status=0
 clocks_pid=""
 if command -v nvidia-smi >/dev/null 2>&1; then
   fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
-  if nvidia-smi --query-gpu="$fields,clocks_throttle_reasons.active" --format=csv >/dev/null 2>&1; then
-    fields+=,clocks_throttle_reasons.active
+  reasons=clocks_throttle_reasons.active  # older drivers lack it: then left out
+  if nvidia-smi --query-gpu="$fields,$reasons" --format=csv >/dev/null 2>&1; then
+    fields+=",$reasons"
   fi
   nvidia-smi --query-gpu="$fields" --format=csv -lms 250 >"$out/clocks.csv" 2>&1 &
   clocks_pid=$!
