@@ -82,7 +82,7 @@ status=0
 clocks_pid=""
 if command -v nvidia-smi >/dev/null 2>&1; then
   fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
-  reasons=clocks_throttle_reasons.active  # older drivers lack it: then left out
+  reasons=clocks_throttle_reasons.active  # left out where the driver does not know it
   if nvidia-smi --query-gpu="$fields,$reasons" --format=csv >/dev/null 2>&1; then
     fields+=",$reasons"
   fi
