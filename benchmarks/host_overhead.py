@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import cuda_kernels_missing
 
 import drs_ext
 
@@ -40,8 +41,7 @@ def host_us_per_call(fn: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    if not (torch.cuda.is_available() and drs_ext.built_with_cuda):
-        print("host_overhead: needs a CUDA device and drs_ext built with its CUDA kernels")
+    if cuda_kernels_missing("host_overhead"):
         return
     x = torch.rand(1, 3, 32, 32, device="cuda")
     stream = torch.zeros(1, dtype=torch.int64, device="cuda")

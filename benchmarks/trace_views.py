@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 from bench_cuda import fused_views
+from common import cuda_kernels_missing
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import drs_ext
 from drs_ext.bench import copy_bandwidth, gpu_ms, table
 from drs_ext.ops import num_branches
 
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="traced repetitions per row")
     args = parser.parse_args(argv)
-    if not (torch.cuda.is_available() and drs_ext.built_with_cuda):
-        print("trace_views: needs a CUDA device and drs_ext built with its CUDA kernels")
+    if cuda_kernels_missing("trace_views"):
         return 0
     copy_bw = copy_bandwidth(warmup=3, repeats=15)
     print(

@@ -27,6 +27,7 @@ import sys
 import tempfile
 
 import torch
+from common import cuda_kernels_missing
 from torch.utils import cpp_extension
 
 import drs_ext
@@ -133,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per shape")
     args = parser.parse_args(argv)
-    if not (torch.cuda.is_available() and drs_ext.built_with_cuda):
-        print("tune_diag: needs a CUDA device and drs_ext built with its CUDA kernels")
+    if cuda_kernels_missing("tune_diag"):
         return 0
     ops = build()
     copy_bw = copy_bandwidth(warmup=3, repeats=15)

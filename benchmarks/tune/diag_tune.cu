@@ -39,19 +39,22 @@ void launch(const drs_ext::Common& c, const drs_ext::diag::Geometry& geo, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The largest chunk for this geometry: 1 unless C*H*W is a multiple of an item's outputs (a
-// chunk's planes share their items), else as many windows as fit in the launcher's 48 KiB (which
-// also caps chunks at kMaxChunkSamples; here they may be longer).
+// The largest chunk for this geometry: the launcher's rule (diag::max_chunk_samples) without its
+// cap of kMaxChunkSamples, so as many windows as fit in 48 KiB.
 int64_t largest_chunk(const drs_ext::diag::Geometry& geo, int64_t plane_size) {
-  if (plane_size % drs_ext::diag::kItemOutputs != 0) return 1;
-  return static_cast<int64_t>(drs_ext::diag::kMaxWindowsBytes / drs_ext::diag::window_bytes(geo));
+  return drs_ext::diag::max_chunk_samples(geo, plane_size, std::numeric_limits<int32_t>::max());
 }
 
 drs_ext::diag::Geometry geometry(int64_t channels, int64_t height, int64_t width,
                                  int64_t tile_elems) {
   TORCH_CHECK(tile_elems >= 1 && tile_elems <= (1 << 20),
               "drs_tune: tile_elems must lie in 1 .. 2^20, got ", tile_elems);
-  return drs_ext::diag::make_geometry(channels, height, width, static_cast<int32_t>(tile_elems));
+  const auto geo =
+      drs_ext::diag::make_geometry(channels, height, width, static_cast<int32_t>(tile_elems));
+  TORCH_CHECK(drs_ext::diag::window_bytes(geo) <= drs_ext::diag::kMaxWindowsBytes,
+              "drs_tune: a window of ", drs_ext::diag::window_bytes(geo), " bytes at tile_elems ",
+              tile_elems, " exceeds the 48 KiB of shared memory a launch gets");
+  return geo;
 }
 
 // [tile rows, tiles, window bytes, largest chunk] of images (C, H, W) at tile_elems.

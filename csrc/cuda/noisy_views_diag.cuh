@@ -109,12 +109,14 @@ inline size_t window_bytes(const Geometry& geo) {
 }
 
 // Samples per chunk the launch may take: as many windows as fit in kMaxWindowsBytes, up to
-// kMaxChunkSamples; 1 where C·H·W is not a multiple of kItemOutputs, as the planes of a chunk
-// must share their phase (plane_phase) to share phase 2's items.
-inline int32_t max_chunk_samples(const Geometry& geo, int64_t plane_size) {
+// max_samples (the launcher's kMaxChunkSamples; benchmarks/tune/diag_tune.cu allows more); 1
+// where C·H·W is not a multiple of kItemOutputs, as the planes of a chunk must share their phase
+// (plane_phase) to share phase 2's items.
+inline int32_t max_chunk_samples(const Geometry& geo, int64_t plane_size,
+                                 int32_t max_samples = kMaxChunkSamples) {
   if (plane_size % kItemOutputs != 0) return 1;
   const auto fit = static_cast<int32_t>(kMaxWindowsBytes / window_bytes(geo));
-  return std::max(1, std::min(fit, kMaxChunkSamples));
+  return std::max(1, std::min(fit, max_samples));
 }
 
 // Every fill reads at most one packed row or column away from the pixel it fills.
