@@ -1,4 +1,4 @@
-"""GPU benchmark of the CUDA kernels and of certification on the GPU (DESIGN.md §5).
+"""GPU benchmark of the CUDA kernels and of certification on the GPU (docs/design.md §5).
 
     python benchmarks/bench_cuda.py [--quick] [--no-write | --results PATH]
 
@@ -32,12 +32,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from common import RESULTS, table, write_section
+from common import RESULTS, write_section
 from torch import nn
 
 import drs_ext
-from drs_ext.bench import PlainViews, copy_bandwidth, gpu_ms
+from drs_ext.cli.bench import PlainViews, copy_bandwidth, gpu_ms, table
+from drs_ext.models import CifarResNet
 from drs_ext.smoothing import DualSmoothedClassifier, SmoothedClassifier
 from drs_ext.stats import lower_confidence_bound
 
@@ -110,8 +110,8 @@ def bench_views(args: argparse.Namespace, copy_bw: float) -> list[list[str]]:
                 # Under inference mode, as certification calls the op (drs_ext.smoothing) and as
                 # bench_noisy_views.py times the CPU kernels. Outside it, each call also passes
                 # through the Python autograd kernel of torch.library.register_autograd: about
-                # 20 us of host time (H100 host, 2026-11-22), which shows only in calls as small
-                # as CIFAR's, whose GPU work takes about as long.
+                # 20 us of host time on an H100 host, which shows only in calls as small as
+                # CIFAR's, whose GPU work takes about as long.
                 with torch.inference_mode():
                     ms = gpu_ms({"plain": baseline, "fused": fused}, args.warmup, args.repeats)
                 written = branches * num * x.numel() * torch.finfo(dtype).bits // 8
@@ -137,48 +137,14 @@ def bench_views(args: argparse.Namespace, copy_bw: float) -> list[list[str]]:
 # (c) certification of a CIFAR ResNet-110.
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        # Small residual branches keep the random network's activations bounded in float16.
-        nn.init.constant_(self.bn2.weight, 0.2)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """ResNet-110 for CIFAR (He et al. 2016; Cohen et al.'s cifar_resnet110): 3 stages of 18
-    basic blocks with 16/32/64 channels, 1.7M parameters."""
-
-    def __init__(self, depth: int = 110, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        blocks = (depth - 2) // 6
-        layers: list[nn.Module] = [
-            nn.Conv2d(3, 16, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-        ]
-        cin = 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            for b in range(blocks):
-                layers.append(BasicBlock(cin, cout, stride if b == 0 else 1))
-                cin = cout
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def resnet110() -> nn.Module:
+    """Cohen et al.'s CIFAR base classifier (drs_ext.models.CifarResNet, depth 110, 1.7M
+    parameters) with random weights, its residual branches scaled down (batch-norm weight 0.2)
+    so that the random network's activations stay bounded in float16."""
+    model = CifarResNet(num_classes=NUM_CLASSES, depth=110)
+    for block in model.layers:
+        nn.init.constant_(block.bn2.weight, 0.2)
+    return model
 
 
 class CohenLoop:
@@ -225,7 +191,7 @@ class CohenLoop:
         """(top class, lower confidence bound of its probability); the radius is omitted."""
         c_hat = int(self.counts(x, n0, batch_size).sum(axis=0).argmax())
         counts = self.counts(x, n, batch_size)[:, c_hat]
-        # RS bound, or the DRS bound with alpha/2 per branch (DESIGN.md §2.4); timing only.
+        # RS bound, or the DRS bound with alpha/2 per branch (docs/design.md §2.4); timing only.
         split = alpha / len(self.models)
         return c_hat, min(lower_confidence_bound(int(k), n, split) for k in counts)
 
@@ -252,7 +218,7 @@ def bench_certify(args: argparse.Namespace) -> list[list[str]]:
             autocast_dtype = torch.float16 if fast else None
             memory_format = torch.channels_last if fast else torch.contiguous_format
             models = [
-                CifarResNet().cuda().eval().to(memory_format=memory_format)
+                resnet110().cuda().eval().to(memory_format=memory_format)
                 for _ in range(1 if method == "RS" else 2)
             ]
             options = {
@@ -393,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     # (a, b) is written before (c) starts, so that a run cut short (a time limit) keeps it.
-    pending = "### (c) CERTIFY, CIFAR ResNet-110\n\nNot measured: the run stopped before (c)."
-    report(args, [header, views_section, pending], final=False)
+    unmeasured = "### (c) CERTIFY, CIFAR ResNet-110\n\nNot measured: the run stopped before (c)."
+    report(args, [header, views_section, unmeasured], final=False)
     print(f"(c) CERTIFY, ResNet-110, n0=100, n={args.n}")
     certify = bench_certify(args)
     certify_section = (

@@ -24,11 +24,11 @@ import functools
 import sys
 
 import torch
-from common import RESULTS, table, write_section
+from common import RESULTS, write_section
 from torch import nn
 
 import drs_ext
-from drs_ext.bench import PlainViews, device_description, median_ms
+from drs_ext.cli.bench import PlainViews, device_description, median_ms, table
 
 SIGMA = 0.5
 SEED = 1234

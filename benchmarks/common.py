@@ -1,9 +1,8 @@
-"""What only the repository's benchmark scripts share: the RESULTS.md writer, and the check
-that a GPU script has something to run on.
+"""The RESULTS.md writer the benchmark scripts share.
 
-The plain-PyTorch pipeline, the timers and the copy bandwidth live in drs_ext.bench, which pip
-installs, so that `drs bench` and these scripts measure the same things the same way; `table` is
-re-exported from there for the scripts.
+The plain-PyTorch pipeline, the timers, the copy bandwidth and the table format live in
+drs_ext.cli.bench (the `drs bench` command), so that `drs bench` and these scripts measure the
+same things the same way.
 """
 
 from __future__ import annotations
@@ -11,12 +10,7 @@ from __future__ import annotations
 import os
 import re
 
-import torch
-
-import drs_ext
-from drs_ext.bench import table
-
-__all__ = ["RESULTS", "cuda_kernels_missing", "table", "write_section"]
+__all__ = ["RESULTS", "write_section"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -38,12 +32,3 @@ def write_section(title: str, body: str, path: str = RESULTS) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text.rstrip() + "\n")
     os.replace(path + ".tmp", path)
-
-
-def cuda_kernels_missing(script: str) -> bool:
-    """True, after saying so, where `script` cannot run: no CUDA device, or a build of drs_ext
-    without its CUDA kernels. The GPU scripts then exit 0 (nothing to measure is not a failure)."""
-    if torch.cuda.is_available() and drs_ext.built_with_cuda:
-        return False
-    print(f"{script}: needs a CUDA device and drs_ext built with its CUDA kernels")
-    return True

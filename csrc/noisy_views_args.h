@@ -1,5 +1,10 @@
-// Argument checks of drs_ext::noisy_views, shared by the CPU and CUDA kernels (DESIGN.md §4):
-// every bad input is a TORCH_CHECK naming the argument, what was expected and what was given.
+// The argument checks of drs_ext::noisy_views, run by both the CPU and the CUDA kernel before
+// anything else (docs/design.md §4). They are the op's only validation layer: the Python wrapper
+// converts Python values to the schema's types and checks nothing these checks cover. Each bad
+// input is a TORCH_CHECK naming the argument, what was expected and what was given. Two checks
+// read the tensors' values and so live with the kernels: x finite and stream ids in [0, 2^32)
+// are TORCH_CHECKs of the CPU kernel, and on CUDA, where reading values would cost a host
+// synchronisation, device-side asserts of the kernel.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,6 +14,7 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <string>
 
 #include "drs/partition.h"
 
@@ -48,35 +54,40 @@ inline NoisyViewsArgs check_noisy_views_args(const at::Tensor& x, at::ArrayRef<d
                                              c10::string_view partition, c10::string_view fill,
                                              std::optional<at::ScalarType> out_dtype) {
   NoisyViewsArgs args{};
+  // x: its rank first, since every later check reads its sizes.
   TORCH_CHECK(x.dim() == 4, "noisy_views: x must have shape (N, C, H, W), got ", x.dim(),
               " dimensions with shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "noisy_views: x must be float32, got ",
               x.scalar_type());
   args.partition = parse_partition(partition);
-  args.fill = parse_fill(fill);
+  args.fill = parse_fill(fill);  // also for "none", which ignores it: no misspelling passes
   args.branches = drs::num_branches(args.partition);
   const int64_t height = x.size(2), width = x.size(3);
   TORCH_CHECK(x.size(1) >= 1 && height >= 1 && width >= 1,
               "noisy_views: x must have C, H, W >= 1, got shape ", x.sizes());
   if (args.partition == drs::Partition::kDiag) {
-    TORCH_CHECK(width % 2 == 0, "noisy_views: partition=\"diag\" needs an even image width W, got W=",
-                width);
+    TORCH_CHECK(width % 2 == 0,
+                "noisy_views: x must have an even image width W for partition=\"diag\", got W=",
+                width, " (shape ", x.sizes(), ")");
   }
+  // sigma: one value for every branch, or one per branch; each checked as the float32 the
+  // kernels compute with, so that a value rounding to 0 or inf is caught.
   TORCH_CHECK(sigma.size() == 1 || static_cast<int>(sigma.size()) == args.branches,
               "noisy_views: sigma must hold 1 value or one per branch (", args.branches,
               " for partition=\"", std::string(partition), "\"), got ", sigma.size(), " values");
   for (int p = 0; p < args.branches; ++p) {
     const double s = sigma.size() == 1 ? sigma[0] : sigma[p];
-    // Checked after the cast: the kernels compute in float32.
     args.sigma[p] = static_cast<float>(s);
     TORCH_CHECK(std::isfinite(args.sigma[p]) && args.sigma[p] > 0.0f,
                 "noisy_views: sigma must be finite and > 0 in float32, got ", s, " for branch ", p);
   }
+  // num, seed, offset: the samples offset .. offset+num-1 index the Philox counter's 56 sample
+  // bits (drs/philox.h); any int64 seed >= 0 is a key.
   TORCH_CHECK(num >= 1, "noisy_views: num must be >= 1, got ", num);
-  TORCH_CHECK(seed >= 0, "noisy_views: seed must be >= 0, got ", seed);
+  TORCH_CHECK(seed >= 0, "noisy_views: seed must be >= 0 (and < 2^63), got ", seed);
   TORCH_CHECK(offset >= 0 && offset <= (int64_t{1} << drs::kSampleBits) - num,
-              "noisy_views: samples offset .. offset+num-1 must lie in [0, 2^", drs::kSampleBits,
-              "), got offset=", offset, " num=", num);
+              "noisy_views: offset and num must keep the samples offset .. offset+num-1 in [0, 2^",
+              drs::kSampleBits, "), got offset=", offset, " num=", num);
   TORCH_CHECK(stream.dim() == 1 && stream.size(0) == x.size(0),
               "noisy_views: stream must have shape (N,) = (", x.size(0), ",), got ",
               stream.sizes());
@@ -87,11 +98,15 @@ inline NoisyViewsArgs check_noisy_views_args(const at::Tensor& x, at::ArrayRef<d
   args.out_dtype = out_dtype.value_or(at::kFloat);
   TORCH_CHECK(args.out_dtype == at::kFloat || args.out_dtype == at::kHalf ||
                   args.out_dtype == at::kBFloat16,
-              "noisy_views: out_dtype must be float32, float16 or bfloat16, got ", args.out_dtype);
+              "noisy_views: out_dtype must be None, float32, float16 or bfloat16, got ",
+              args.out_dtype);
+  // The element index within a sub-image is 4 * (32-bit Philox group) + lane.
   const int64_t m = x.size(1) * height * drs::sub_width(args.partition, width);
   args.num_groups = (m + 3) / 4;
   TORCH_CHECK(args.num_groups <= (int64_t{1} << 32),
-              "noisy_views: a sub-image may hold at most 2^34 elements, got ", m);
+              "noisy_views: x is too large: a sub-image (C*H*W, or C*H*W/2 for "
+              "partition=\"diag\") may hold at most 2^34 elements, got ",
+              m, " (shape ", x.sizes(), ")");
   args.key0 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
   args.key1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   return args;

@@ -1,4 +1,7 @@
-// Argument checks and the per-row rule of drs_ext::vote_counts, shared by the CPU and CUDA kernels.
+// The argument checks and the per-row rule of drs_ext::vote_counts, shared by the CPU and CUDA
+// kernels. The checks are the op's only validation layer (docs/design.md §4): the Python wrapper
+// adds none, and each bad input is a TORCH_CHECK naming the argument, what was expected and what
+// was given.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +16,7 @@ namespace drs_ext {
 inline void check_vote_counts_args(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 3, "vote_counts: logits must have shape (G, S, K), got ",
               logits.dim(), " dimensions with shape ", logits.sizes());
+  // G = 0 or S = 0 is fine (no votes); a row needs a class to vote for.
   TORCH_CHECK(logits.size(2) >= 1, "vote_counts: logits must have K >= 1 classes, got shape ",
               logits.sizes());
   const auto dtype = logits.scalar_type();

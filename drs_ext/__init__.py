@@ -1,7 +1,8 @@
-"""drs_ext: certified robustness by randomized smoothing and Dual Randomized Smoothing (DRS).
+"""drs_ext: certified robustness by randomized smoothing (RS) and Dual Randomized Smoothing (DRS).
 
-The hot path (noisy views of many draws, vote counting) runs in fused C++/CUDA kernels; the
-statistics, radii and certification algorithms are plain Python on top of them.
+The hot path (noisy views of many draws, vote counting) runs in fused C++/CUDA kernels (`ops`);
+the statistics (`stats`), radii (`radius`) and certification algorithms (`smoothing`) are plain
+Python on top of them. `train`, `io` and `cli` hold training, files and the `drs` command.
 """
 
 from __future__ import annotations

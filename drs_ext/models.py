@@ -1,6 +1,6 @@
 """Base classifier architectures and the name -> constructor registry that checkpoints use.
 
-A checkpoint stores an architecture name and its keyword arguments (drs_ext/checkpoint.py), so
+A checkpoint stores an architecture name and its keyword arguments (drs_ext/io/checkpoint.py), so
 every constructor here takes only JSON-like keyword arguments plus ``num_classes`` and
 ``in_channels``. Register a new architecture with :func:`register_arch` to make it loadable.
 """
@@ -135,7 +135,7 @@ class _BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """He et al. (2016)'s CIFAR ResNet with depth 6k+2 (20, 32, 44, 56, 110).
 
-    resnet110 is the base classifier of Cohen et al. (2019) and of paper 002's CIFAR-10 tables.
+    resnet110 is the base classifier of Cohen et al. (2019) and of Xia et al.'s CIFAR-10 tables.
     """
 
     def __init__(

@@ -1,6 +1,13 @@
-"""Python entry points of the drs_ext operators: argument handling, fake impls and autograd.
+"""Python entry points of the drs_ext operators: the wrappers, fake impls and autograd.
 
 The kernels are torch.ops.drs_ext.noisy_views / vote_counts (csrc/); loading `_C` registers them.
+The op validates its own arguments, once, in C++ (csrc/noisy_views_args.h, csrc/vote_counts_args.h;
+docs/design.md §4), also when called directly or from a CPU-only build given CUDA tensors. The
+wrappers only bring Python values to the schema's types, and reject those that would reach the op
+changed (a bool is an int) or be refused by torch's schema in cryptic words (an int beyond int64:
+"expected 'int' but found 'int'"; an out_dtype that is not a dtype: "expected 'Optional[int]'").
+They read no tensor data (a tensor sigma aside, which becomes the op's list of floats), so a call
+traces into one graph under torch.compile.
 """
 
 from __future__ import annotations
@@ -9,48 +16,46 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _C
+from . import _C  # noqa: F401  (registers the ops)
 
 PARTITIONS = ("diag", "none")
 FILLS = ("neighbors", "pair", "bilinear", "zeros")
-_MAX_SEED = 2**63
-_MAX_SAMPLES = 2**56  # sample indices offset .. offset+num-1 (csrc/include/drs/philox.h)
 
 
 def num_branches(partition: str) -> int:
     return 2 if partition == "diag" else 1
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _sigma_list(sigma: float | Sequence[float] | torch.Tensor) -> list[float]:
-    if isinstance(sigma, torch.Tensor):
-        sigma = sigma.tolist()
-    if isinstance(sigma, (int, float)):
-        values = [sigma]
-    elif isinstance(sigma, Sequence):
-        values = list(sigma)
-    else:
-        raise TypeError(f"sigma must be a float or a sequence of floats, got {sigma!r}")
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in values):
-        raise TypeError(f"sigma must be a float or a sequence of floats, got {sigma!r}")
-    return [float(s) for s in values]
+    """The op's float[] from one value, a sequence or a tensor; the op checks count and values.
+
+    A bool (an int to Python and to the schema) would reach the op as σ = 1.0, and a string is a
+    sequence, so both are rejected here.
+    """
+    values = sigma.tolist() if isinstance(sigma, torch.Tensor) else sigma
+    if _is_real(values):
+        return [float(values)]
+    if isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        if all(_is_real(s) for s in values):
+            return [float(s) for s in values]
+    raise TypeError(
+        f"noisy_views: sigma must be a float, a sequence of floats or a tensor, got {sigma!r}"
+    )
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value >= high):
-        bound = f">= {low}" if high is None else f">= {low} and < {high}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+def _int_arg(name: str, value: int) -> int:
+    """`value` as the schema's int: a bool would reach the op as 0 or 1, and torch refuses an int
+    beyond int64 without naming the range. The op checks the range it needs."""
+    if isinstance(value, bool):
+        raise TypeError(f"noisy_views: {name} must be an int, got bool ({value})")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        bound = "< 2^63" if value > 0 else ">= -2^63"
+        raise ValueError(f"noisy_views: {name} must fit in int64 ({bound}), got {value}")
     return value
-
-
-def _check_device(x: torch.Tensor) -> None:
-    if x.is_cuda and not _C.built_with_cuda:
-        raise RuntimeError(
-            "drs_ext was built without CUDA kernels, so it cannot run on CUDA tensors. Rebuild "
-            "where torch has CUDA and nvcc is on PATH (or with FORCE_CUDA=1 and "
-            "TORCH_CUDA_ARCH_LIST set): pip install --no-build-isolation -e ."
-        )
 
 
 def noisy_views(
@@ -71,37 +76,42 @@ def noisy_views(
     P = 1 for "none": out[n, p, s] = fill_p(sub_p(x[n]) + sigma_p * eps(seed, stream[n], p,
     offset + s)). `stream` (N,) int64 holds per-image ids (default arange(N)), so an image's
     noise does not depend on the batch it sits in. `fill` is ignored for partition="none".
-    x must be finite and stream ids must lie in [0, 2^32). On CUDA, where checking would cost a
-    host synchronisation, a NaN or Inf in x or a stream id out of range stops the kernel with a
-    device-side assert (fatal to the CUDA context); the CPU kernel raises a RuntimeError.
+    The accepted arguments are listed in docs/design.md §4; a bad one raises a RuntimeError that
+    names it. x must be finite and stream ids must lie in [0, 2^32). On CUDA, where checking
+    would cost a host synchronisation, a NaN or Inf in x or a stream id out of range stops the
+    kernel with a device-side assert (fatal to the CUDA context); the CPU kernel raises.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    _check_device(x)
-    sigmas = _sigma_list(sigma)
-    num = _check_int("num", num, 1, _MAX_SAMPLES + 1)
-    seed = _check_int("seed", seed, 0, _MAX_SEED)
-    offset = _check_int("offset", offset, 0, _MAX_SAMPLES)
-    # Stream ids are range-checked by the kernels (reading them here would cost a host sync on
-    # CUDA and break torch.compile, which cannot branch on tensor data).
+    if not isinstance(x, torch.Tensor):  # read below for the default stream
+        raise TypeError(f"noisy_views: x must be a torch.Tensor, got {type(x).__name__}")
     if stream is None:
         stream = torch.arange(x.shape[0] if x.dim() > 0 else 0, device=x.device)
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):  # schema: "Optional[int]"
+        raise TypeError(f"noisy_views: out_dtype must be None or a torch.dtype, got {out_dtype!r}")
     return torch.ops.drs_ext.noisy_views.default(
-        x, sigmas, num, seed, offset, stream, partition, fill, out_dtype
+        x,
+        _sigma_list(sigma),
+        _int_arg("num", num),
+        _int_arg("seed", seed),
+        _int_arg("offset", offset),
+        stream,
+        partition,
+        fill,
+        out_dtype,
     )
 
 
 def vote_counts(logits: torch.Tensor) -> torch.Tensor:
     """(G, S, K) logits -> (G, K) int64 counts of each row's argmax (first maximum).
 
-    A row with a NaN votes for no class (conservative: it never adds to a certified class).
+    logits may be float32, float64, float16 or bfloat16. A row with a NaN votes for no class
+    (conservative: it never adds to a certified class).
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    _check_device(logits)
     return torch.ops.drs_ext.vote_counts.default(logits)
 
 
+# Fake impls describe the output of valid arguments for tracing (torch.compile, opcheck). They
+# check only the rank they unpack; every other bad argument is left to the op itself, which runs
+# its checks when the traced graph runs.
 @torch.library.register_fake("drs_ext::noisy_views")
 def _noisy_views_fake(x, sigma, num, seed, offset, stream, partition, fill, out_dtype):
     torch._check(
@@ -128,7 +138,7 @@ def _vote_counts_fake(logits):
 
 
 def _kept_index(height: int, width: int, branch: int, device: torch.device) -> torch.Tensor:
-    """(H, W/2) column of x that each packed pixel of the branch comes from (DESIGN.md §2.1)."""
+    """(H, W/2) column of x that each packed pixel of branch p comes from (docs/design.md §2.1)."""
     rows = torch.arange(height, device=device)[:, None]
     return 2 * torch.arange(width // 2, device=device)[None, :] + (rows + branch) % 2
 

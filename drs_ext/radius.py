@@ -1,4 +1,4 @@
-"""Certified radii of RS and DRS and their upper bounds (paper 002, Eq. 3, 4, 13, 15).
+"""Certified radii of RS and DRS and their upper bounds (Xia et al., ICLR 2024, Eq. 3, 4, 13, 15).
 
 Radius convention: a radius <= 0 (including -inf) means abstain. The functions never clip, so
 the caller's single test ``radius <= 0`` covers p_lower <= 1/2 (RS) and a_l + a_r <= 0 (DRS).
@@ -52,7 +52,7 @@ def _check_dim(value: int, name: str) -> int:
 
 
 def rs_radius(p_lower: float, sigma: float) -> float:
-    """Cohen et al.'s radius σ·Φ⁻¹(p_lower) (paper 002 Eq. 3).
+    """Cohen et al.'s radius σ·Φ⁻¹(p_lower) (Xia et al., Eq. 3).
 
     Negative values mean abstain; 0 at p_lower = 1/2 means abstain too; -inf at p_lower = 0.
     """
@@ -62,7 +62,7 @@ def rs_radius(p_lower: float, sigma: float) -> float:
 
 
 def drs_radius(p_lower_l: float, p_lower_r: float, sigma_l: float, sigma_r: float) -> float:
-    """DRS radius (Φ⁻¹(p̲ₗ) + Φ⁻¹(p̲ᵣ)) / √(σₗ⁻² + σᵣ⁻²) (paper 002 Eq. 13 for σₗ = σᵣ).
+    """DRS radius (Φ⁻¹(p̲ₗ) + Φ⁻¹(p̲ᵣ)) / √(σₗ⁻² + σᵣ⁻²) (Xia et al., Eq. 13 for σₗ = σᵣ).
 
     The attack must satisfy ‖δₗ‖/σₗ + ‖δᵣ‖/σᵣ >= aₗ + aᵣ, and the smallest ‖δ‖ on that line is
     this radius. Non-positive values mean abstain. p = 1 gives +inf (Clopper-Pearson never
@@ -92,7 +92,7 @@ def _wu_bound(p: float, sigma: float, d: int) -> float:
 
 
 def rs_radius_upper_bound(p: float, sigma: float, d: int) -> float:
-    """Wu et al.'s upper bound on any RS radius with N(0, σ² I_d) noise (paper 002 Eq. 4).
+    """Wu et al.'s upper bound on any RS radius with N(0, σ² I_d) noise (Xia et al., Eq. 4).
 
     ``p`` is the top-class smoothed probability.
     """
@@ -102,7 +102,7 @@ def rs_radius_upper_bound(p: float, sigma: float, d: int) -> float:
 def drs_radius_upper_bound(
     p_l: float, p_r: float, sigma_l: float, sigma_r: float, m: int, n: int
 ) -> float:
-    """Upper bound on the DRS radius, branches of dimension m and n (paper 002 Eq. 15)."""
+    """Upper bound on the DRS radius, branches of dimension m and n (Xia et al., Eq. 15)."""
     p_l = _check_probability(p_l, "p_l")
     p_r = _check_probability(p_r, "p_r")
     sigma_l = _check_sigma(sigma_l, "sigma_l")
@@ -116,7 +116,7 @@ def drs_radius_upper_bound(
 def curse_of_dimensionality_curve(
     dims: Sequence[int] | np.ndarray, p: float = 0.999
 ) -> dict[str, np.ndarray]:
-    """RS and DRS radius upper bounds against dimension d (paper 002 Figure 1(b)).
+    """RS and DRS radius upper bounds against dimension d (Xia et al., Figure 1(b)).
 
     σ = 1/√d on every branch, smoothed probability p on every branch, DRS branches of
     m = ⌊d/2⌋ and n = d - m dimensions (m = n = d/2 for even d).

@@ -1,9 +1,10 @@
 """Plain-PyTorch versions of every drs_ext op: the oracle the tests compare the kernels with.
 
-Written from DESIGN.md §2 without looking at the kernels' arithmetic: Philox4x32-10 runs on int64
-tensors with 16-bit limb products, Box–Muller uses float64 libm (the kernels use float32
+Written from docs/design.md §2 without looking at the kernels' arithmetic: Philox4x32-10 runs on
+int64 tensors with 16-bit limb products, Box–Muller uses float64 libm (the kernels use float32
 polynomials), and the fills use tensor ops (shifts, `repeat_interleave`, `F.interpolate`). It is
-slow and meant for small inputs; it is not a baseline for benchmarks.
+slow and meant for small inputs; it is not a baseline for benchmarks. The functions named after
+the ops take the ops' exact arguments and keywords, and assume them valid (the ops validate).
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def fill(sub: torch.Tensor, branch: int, width: int, mode: str) -> torch.Tensor:
     raise ValueError(f"fill must be 'neighbors', 'pair', 'bilinear' or 'zeros', got {mode!r}")
 
 
+_fill = fill  # noisy_views takes the op's keyword `fill`, which hides this function there
+
+
 def noisy_views(
     x: torch.Tensor,
     sigma: float | Sequence[float],
@@ -118,10 +122,16 @@ def noisy_views(
     offset: int = 0,
     stream: torch.Tensor | None = None,
     partition: str = "diag",
-    fill_mode: str = "neighbors",
+    fill: str = "neighbors",
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Same function as drs_ext.noisy_views (the `fill` argument is called `fill_mode` here)."""
+    """drs_ext.noisy_views for valid arguments (docs/design.md §4), on the CPU.
+
+    An unknown partition (or, for "diag", fill) raises ValueError rather than a silently wrong
+    layout. Other arguments are not checked.
+    """
+    if partition not in ("diag", "none"):
+        raise ValueError(f"partition must be 'diag' or 'none', got {partition!r}")
     n_img, channels, height, width = x.shape
     branches = 2 if partition == "diag" else 1
     sigmas = [float(sigma)] * branches if isinstance(sigma, (int, float)) else list(sigma)
@@ -140,7 +150,7 @@ def noisy_views(
             sub = sub_image(x[n], p)
             z = standard_normals(seed, int(streams[n]), p, samples, sub.numel())
             noisy = sub + sigmas[p] * z.reshape(num, *sub.shape)
-            out[n, p] = fill(noisy, p, width, fill_mode)
+            out[n, p] = _fill(noisy, p, width, fill)
     return out.to(out_dtype or torch.float32)
 
 

@@ -1,4 +1,4 @@
-"""Binomial confidence bounds and tests used by PREDICT and CERTIFY (DESIGN.md §2.4)."""
+"""Binomial confidence bounds and tests used by PREDICT and CERTIFY (docs/design.md §2.4)."""
 
 from __future__ import annotations
 

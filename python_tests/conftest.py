@@ -1,5 +1,8 @@
-"""Shared helpers of the kernel tests (noisy_views, vote_counts, Philox).
+"""Shared fixtures and helpers of the test suite.
 
+`device` runs a test once on the CPU and once on CUDA, the CUDA run skipped (with the reason)
+where there is no GPU or drs_ext was built without its CUDA kernels; `requires_cuda` marks the
+tests that only mean something on a GPU (CUDA against CPU parity, launch shapes, CUDA graphs).
 The helpers are plain functions imported by the test modules (`from conftest import ...`); the
 oracles they compare against are drs_ext.reference, scipy, closed forms and known-answer vectors,
 never stored outputs of our own kernels.
@@ -8,18 +11,43 @@ never stored outputs of our own kernels.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
+from torch import nn
 
 import drs_ext
+from drs_ext.ops import num_branches
 
 PARTITIONS: tuple[str, ...] = ("diag", "none")
 FILLS: tuple[str, ...] = ("neighbors", "pair", "bilinear", "zeros")
+# Every (partition, fill) that computes something different: the fill is ignored for "none"
+# (test_noisy_views.test_fill_is_ignored_without_a_partition checks that once).
+CASES: list[tuple[str, str]] = [("diag", f) for f in FILLS] + [("none", "neighbors")]
 MAX_SEED = 2**63 - 1
 SAMPLE_SPACE = 2**56  # sample indices offset .. offset+num-1 must lie in [0, 2^56)
+
+CUDA_READY = torch.cuda.is_available() and drs_ext.built_with_cuda
+requires_cuda = pytest.mark.skipif(
+    not CUDA_READY,
+    reason=(
+        "needs a CUDA GPU and drs_ext built with its CUDA kernels "
+        f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
+        f"drs_ext.built_with_cuda={drs_ext.built_with_cuda})"
+    ),
+)
+
+
+DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.fixture(params=DEVICE_PARAMS)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device a test runs on: the CPU, and the current CUDA device (with its index, as
+    tensors report it) where CUDA_READY."""
+    if request.param == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -29,22 +57,6 @@ def _seed_torch() -> Iterator[None]:
     torch.manual_seed(0)
     yield
     torch.random.set_rng_state(state)
-
-
-def load_host_harness(source: str, namespace: str, build_dir: Path) -> object:
-    """torch.ops.<namespace>, registered by python_tests/host/<source>: a host run of CUDA
-    device code, compiled with the kernels' include paths (csrc, csrc/include, csrc/cuda)."""
-    csrc = Path(__file__).resolve().parent.parent / "csrc"
-    cpp_extension.load(
-        name=namespace,
-        sources=[str(Path(__file__).resolve().parent / "host" / source)],
-        extra_include_paths=[str(csrc), str(csrc / "include"), str(csrc / "cuda")],
-        extra_cflags=["-O2", "-std=c++20"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
-    return getattr(torch.ops, namespace)
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -57,8 +69,7 @@ def random_images(shape: Sequence[int], seed: int, scale: float = 2.0) -> torch.
     return torch.randn(*shape, generator=gen) * scale + 0.5
 
 
-def branches(partition: str) -> int:
-    return 2 if partition == "diag" else 1
+branches = num_branches
 
 
 def reference_atol(x: torch.Tensor, sigma: float | Sequence[float]) -> float:
@@ -72,7 +83,8 @@ def reference_atol(x: torch.Tensor, sigma: float | Sequence[float]) -> float:
 
 
 def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
-    """Same shape and dtype, all finite, max |actual - expected| <= atol."""
+    """Same shape and dtype, all finite, max |actual - expected| <= atol (any devices)."""
+    actual, expected = actual.cpu(), expected.cpu()
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert bool(torch.isfinite(actual).all()), "non-finite values in the kernel output"
@@ -105,7 +117,7 @@ def assert_within_ulp(actual: torch.Tensor, expected: torch.Tensor, atol32: floa
 
 
 def kept_mask(height: int, width: int, branch: int) -> torch.Tensor:
-    """(H, W) bool mask of the pixels (i, j) with (i + j) mod 2 == branch (DESIGN.md §2.1)."""
+    """(H, W) bool mask of the pixels (i, j) with (i + j) mod 2 == branch (docs/design.md §2.1)."""
     rows = torch.arange(height)[:, None]
     cols = torch.arange(width)[None, :]
     return (rows + cols) % 2 == branch
@@ -122,6 +134,7 @@ def packed(full: torch.Tensor, branch: int) -> torch.Tensor:
 
 def noise_planes(
     *,
+    device: torch.device | str = "cpu",
     seed: int = 1,
     stream: int = 0,
     offset: int = 0,
@@ -129,17 +142,53 @@ def noise_planes(
     num: int = 2,
     shape: tuple[int, int, int] = (3, 4, 6),
 ) -> list[torch.Tensor]:
-    """x = 0, σ = 1: per branch, the standard normals (num, m) in sub-image element order."""
+    """x = 0, σ = 1: per branch, the standard normals (num, m) in sub-image element order, on
+    the CPU whatever device drew them."""
     out = drs_ext.noisy_views(
-        torch.zeros(1, *shape),
+        torch.zeros(1, *shape, device=device),
         1.0,
         num=num,
         seed=seed,
         offset=offset,
-        stream=torch.tensor([stream]),
+        stream=torch.tensor([stream], device=device),
         partition=partition,
         fill="zeros",
-    )
+    ).cpu()
     if partition == "none":
         return [out[0, 0].reshape(num, -1)]
     return [packed(out[0, p], p).reshape(num, -1) for p in range(2)]
+
+
+class MeanMargin(nn.Module):
+    """Three classes by the sign of mean(x) - 1/2, computed in float64: the vote of a view
+    flips between devices only if its mean lies within ~1e-9 of 1/2."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        t = (v.double().mean(dim=(1, 2, 3)) - 0.5) * 100.0
+        return torch.stack([t, torch.zeros_like(t), -t], dim=1).float()
+
+
+def bincount_oracle(logits: torch.Tensor) -> torch.Tensor:
+    """(G, S, K) -> (G, K): counts of torch.argmax over the rows without NaN, on the CPU."""
+    logits = logits.cpu()
+    groups, rows, classes = logits.shape
+    counts = torch.zeros(groups, classes, dtype=torch.int64)
+    if rows == 0:
+        return counts
+    valid = ~torch.isnan(logits).any(dim=-1)
+    return counts.scatter_add_(1, torch.argmax(logits, dim=-1), valid.long())
+
+
+def tied_logits(groups: int, rows: int, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Few distinct values (many ties), some rows with a NaN, some with ±inf."""
+    gen = make_generator(groups * 1000 + rows + classes)
+    logits = torch.randint(-2, 3, (groups, rows, classes), generator=gen).to(dtype)
+    pick = torch.rand(groups, rows, generator=gen)
+    cols = torch.randint(0, classes, (groups, rows), generator=gen)
+    g, s = torch.nonzero(pick < 0.05, as_tuple=True)
+    logits[g, s, cols[g, s]] = float("nan")
+    g, s = torch.nonzero((pick >= 0.05) & (pick < 0.08), as_tuple=True)
+    logits[g, s, cols[g, s]] = float("inf")
+    g, s = torch.nonzero((pick >= 0.08) & (pick < 0.1), as_tuple=True)
+    logits[g, s] = float("-inf")
+    return logits

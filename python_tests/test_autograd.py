@@ -1,4 +1,4 @@
-"""Gradients of noisy_views with respect to x.
+"""Gradients of noisy_views with respect to x, on every device.
 
 The views are affine in x (out = A x + noise, the noise fixed by the seed), so the backward must be
 the adjoint Aᵀ. Checked three ways: against the autograd of the reference's fill ∘ sub-image map
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FILLS, PARTITIONS, branches, make_generator, random_images
+from conftest import CASES, FILLS, branches, make_generator, random_images
 
 import drs_ext
 from drs_ext import reference
@@ -26,7 +26,7 @@ def views(x: torch.Tensor, partition: str, fill: str, num: int = 3, seed: int = 
         sigma,
         num=num,
         seed=seed,
-        stream=torch.arange(x.shape[0]) + 10,
+        stream=torch.arange(x.shape[0], device=x.device) + 10,
         partition=partition,
         fill=fill,
     )
@@ -35,9 +35,10 @@ def views(x: torch.Tensor, partition: str, fill: str, num: int = 3, seed: int = 
 def reference_adjoint(
     grad_out: torch.Tensor, x: torch.Tensor, partition: str, fill: str
 ) -> torch.Tensor:
-    """Aᵀ grad_out via autograd through drs_ext.reference's sub_image and fill, in float64."""
-    xd = x.detach().double().requires_grad_()
-    summed = grad_out.double().sum(dim=2)  # every sample applies the same A_p
+    """Aᵀ grad_out via autograd through drs_ext.reference's sub_image and fill, in float64 on
+    the CPU."""
+    xd = x.detach().cpu().double().requires_grad_()
+    summed = grad_out.cpu().double().sum(dim=2)  # every sample applies the same A_p
     loss = torch.zeros((), dtype=torch.float64)
     for p in range(branches(partition)):
         if partition == "none":
@@ -49,30 +50,28 @@ def reference_adjoint(
     return grad
 
 
-@pytest.mark.parametrize("partition", PARTITIONS)
-@pytest.mark.parametrize("fill", FILLS)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("partition", "fill"), CASES)
 def test_backward_is_the_adjoint_of_the_reference_map(
-    partition: str, fill: str, shape: tuple[int, int, int, int]
+    device: torch.device, partition: str, fill: str
 ) -> None:
-    x = random_images(shape, seed=1).requires_grad_()
-    out = views(x, partition, fill)
-    grad_out = torch.randn(out.shape, generator=make_generator(2))
-    (grad,) = torch.autograd.grad(out, x, grad_out)
-    assert grad.shape == x.shape and grad.dtype == torch.float32
-    expected = reference_adjoint(grad_out, x, partition, fill)
-    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5)
+    for shape in SHAPES:
+        x = random_images(shape, seed=1).to(device).requires_grad_()
+        out = views(x, partition, fill)
+        grad_out = torch.randn(out.shape, generator=make_generator(2)).to(device)
+        (grad,) = torch.autograd.grad(out, x, grad_out)
+        assert grad.shape == x.shape and grad.dtype == torch.float32 and grad.device == device
+        expected = reference_adjoint(grad_out, x, partition, fill)
+        torch.testing.assert_close(grad.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("partition", PARTITIONS)
-@pytest.mark.parametrize("fill", FILLS)
-def test_vector_jacobian_identity(partition: str, fill: str) -> None:
+@pytest.mark.parametrize(("partition", "fill"), CASES)
+def test_vector_jacobian_identity(device: torch.device, partition: str, fill: str) -> None:
     """<x.grad, u> = <grad_out, f(x + u) − f(x)> for the same seed, since f is affine in x."""
     gen = make_generator(3)
-    x = random_images((2, 3, 5, 6), seed=4).requires_grad_()
-    u = torch.randn(x.shape, generator=gen)
+    x = random_images((2, 3, 5, 6), seed=4).to(device).requires_grad_()
+    u = torch.randn(x.shape, generator=gen).to(device)
     out = views(x, partition, fill)
-    grad_out = torch.randn(out.shape, generator=gen)
+    grad_out = torch.randn(out.shape, generator=gen).to(device)
     out.backward(grad_out)
     assert x.grad is not None
     lhs = float((x.grad.double() * u.double()).sum())
@@ -87,10 +86,9 @@ def test_vector_jacobian_identity(partition: str, fill: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
-@pytest.mark.parametrize("partition", PARTITIONS)
-@pytest.mark.parametrize("fill", FILLS)
-def test_gradcheck(partition: str, fill: str) -> None:
-    x = random_images((1, 2, 2, 4), seed=5, scale=0.5).requires_grad_()
+@pytest.mark.parametrize(("partition", "fill"), CASES)
+def test_gradcheck(device: torch.device, partition: str, fill: str) -> None:
+    x = random_images((1, 2, 2, 4), seed=5, scale=0.5).to(device).requires_grad_()
 
     def f(inp: torch.Tensor) -> torch.Tensor:
         return views(inp, partition, fill, num=2)
@@ -98,43 +96,46 @@ def test_gradcheck(partition: str, fill: str) -> None:
     assert torch.autograd.gradcheck(f, (x,), eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
-def test_gradient_does_not_depend_on_seed_sigma_or_stream() -> None:
-    x = random_images((2, 3, 4, 6), seed=6).requires_grad_()
-    grad_out = torch.randn(2, 2, 4, 3, 4, 6, generator=make_generator(7))
+def test_gradient_does_not_depend_on_seed_sigma_or_stream(device: torch.device) -> None:
+    x = random_images((2, 3, 4, 6), seed=6).to(device).requires_grad_()
+    grad_out = torch.randn(2, 2, 4, 3, 4, 6, generator=make_generator(7)).to(device)
     grads = []
     for seed, sigma, stream in ((1, 0.5, [0, 1]), (2**40, (0.1, 2.0), [7, 2**32 - 1])):
-        out = drs_ext.noisy_views(x, sigma, num=4, seed=seed, stream=torch.tensor(stream))
+        ids = torch.tensor(stream, device=device)
+        out = drs_ext.noisy_views(x, sigma, num=4, seed=seed, stream=ids)
         grads.append(torch.autograd.grad(out, x, grad_out)[0])
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_backward_with_16_bit_output(out_dtype: torch.dtype) -> None:
-    x = random_images((2, 3, 4, 6), seed=8).requires_grad_()
+def test_backward_with_16_bit_output(device: torch.device, out_dtype: torch.dtype) -> None:
+    x = random_images((2, 3, 4, 6), seed=8).to(device).requires_grad_()
     out = drs_ext.noisy_views(x, 0.5, num=3, seed=1, out_dtype=out_dtype)
     assert out.requires_grad and out.dtype == out_dtype
-    grad_out = torch.randn(out.shape, generator=make_generator(9)).to(out_dtype)
+    grad_out = torch.randn(out.shape, generator=make_generator(9)).to(device, out_dtype)
     out.backward(grad_out)
     assert x.grad is not None and x.grad.dtype == torch.float32
     expected = reference_adjoint(grad_out.float(), x, "diag", "neighbors")
-    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_sum_of_views_gradient_counts_samples() -> None:
-    """d/dx of the sum of all views: for "none" every pixel gets P·num; for "pair" each kept pixel
-    feeds two outputs per sample, so the gradient is 2·num on kept pixels of each branch."""
-    x = random_images((1, 2, 4, 6), seed=10).requires_grad_()
-    drs_ext.noisy_views(x, 0.5, num=5, seed=1, partition="none").sum().backward()
-    assert x.grad is not None
-    torch.testing.assert_close(x.grad, torch.full_like(x, 5.0))
-    x.grad = None
+def test_sum_of_views_gradient_counts_samples(device: torch.device) -> None:
+    """d/dx of the sum of all views: for "none" every pixel gets P·num whatever the (ignored)
+    fill; for "pair" each kept pixel feeds two outputs per sample, so the gradient is 2·num on
+    kept pixels of each branch."""
+    x = random_images((1, 2, 4, 6), seed=10).to(device).requires_grad_()
+    for fill in FILLS:
+        drs_ext.noisy_views(x, 0.5, num=5, seed=1, partition="none", fill=fill).sum().backward()
+        assert x.grad is not None
+        torch.testing.assert_close(x.grad, torch.full_like(x, 5.0))
+        x.grad = None
     drs_ext.noisy_views(x, 0.5, num=5, seed=1, partition="diag", fill="pair").sum().backward()
     assert x.grad is not None
     torch.testing.assert_close(x.grad, torch.full_like(x, 10.0))  # each pixel kept by one branch
 
 
-def test_no_grad_and_detached_inputs() -> None:
-    x = random_images((1, 1, 2, 4), seed=11)
+def test_no_grad_and_detached_inputs(device: torch.device) -> None:
+    x = random_images((1, 1, 2, 4), seed=11).to(device)
     assert not drs_ext.noisy_views(x, 0.5, num=2, seed=1).requires_grad
     with torch.no_grad():
         assert not drs_ext.noisy_views(x.requires_grad_(), 0.5, num=2, seed=1).requires_grad

@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 
-import drs_ext
 from drs_ext import cli
-from drs_ext.checkpoint import load_branch, load_checkpoint
-from drs_ext.data import load_dataset
-from drs_ext.results import read_tsv
+from drs_ext.cli.certify import build_smoothed
+from drs_ext.cli.common import select_indices
+from drs_ext.io.checkpoint import load_branch, load_checkpoint
+from drs_ext.io.data import load_dataset
+from drs_ext.io.results import read_tsv
 
 CERTIFY = ["--n0", "10", "--n", "30", "--batch", "32", "--no-progress"]
 
@@ -30,15 +32,17 @@ def cli_on_cpu():
     """These are the command line's CPU tests, also where a GPU is visible (scripts/gpu_check.sh
     runs them there): default_device() would move them onto CUDA, where cuDNN's choice of
     algorithm (TF32, channels_last) can flip a near-tie vote of these tiny models, and the exact
-    row comparisons below would compare two devices. test_cuda.py certifies on CUDA."""
+    row comparisons below would compare two devices. test_smoothing.py certifies on CUDA."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "default_device", lambda: "cpu")
+        for command in cli.SUBCOMMANDS:
+            if hasattr(command, "default_device"):
+                patch.setattr(command, "default_device", lambda: "cpu")
         yield
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """Tiny npz data, an RS model and a DRS pair fine-tuned from it (paper 002's recipe)."""
+    """Tiny npz data, an RS model and a DRS pair fine-tuned from it (Xia et al.'s recipe)."""
     root = tmp_path_factory.mktemp("cli")
     x_train, y_train = make_images(48, 0)
     x_test, y_test = make_images(10, 1)
@@ -173,7 +177,7 @@ def test_shards_and_torchrun_merge_into_the_single_run(workdir, tmp_path, monkey
 
 
 def test_select_indices_covers_every_image_once():
-    shards = [cli.select_indices(100, skip=3, max_index=50, shard=k, shards=4) for k in range(4)]
+    shards = [select_indices(100, skip=3, max_index=50, shard=k, shards=4) for k in range(4)]
     assert sorted(sum(shards, [])) == list(range(0, 50, 3))
     assert all(shards)  # sharding by position: no idle worker even though every idx is 0 mod 3
 
@@ -184,7 +188,7 @@ def test_drs_certify_and_analyze(workdir, tmp_path, capsys):
     assert certify(workdir, tmp_path / "drs.tsv", checkpoints=pair) == 0
     assert certify(workdir, tmp_path / "swapped.tsv", checkpoints=pair[::-1]) == 0
     assert rows_without_time(tmp_path / "drs.tsv") == rows_without_time(tmp_path / "swapped.tsv")
-    smoothed, spec = cli.build_smoothed(pair, 0.2, "cpu")
+    smoothed, spec = build_smoothed(pair, 0.2, "cpu")
     assert smoothed.fill == spec.fill == "pair"  # certified on the views it was trained on
     assert certify(workdir, tmp_path / "rs.tsv") == 0
     capsys.readouterr()
@@ -218,7 +222,7 @@ def test_model_call_flags_change_no_certificate(workdir, tmp_path):
     fast = ["--channels-last", "--cuda-graph", "--no-prefetch"]
     assert certify(workdir, tmp_path / "fast.tsv", *fast, checkpoints=pair) == 0
     assert rows_without_time(tmp_path / "fast.tsv") == rows_without_time(tmp_path / "plain.tsv")
-    smoothed, _ = cli.build_smoothed(pair, None, "cpu", channels_last=True, prefetch_noise=False)
+    smoothed, _ = build_smoothed(pair, None, "cpu", channels_last=True, prefetch_noise=False)
     assert not smoothed.prefetch_noise and smoothed.model_call.channels_last
     kernels = [w for w in smoothed.branches[0].parameters() if w.dim() == 4]
     assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) for w in kernels)
@@ -341,6 +345,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "| | RS σ=0.5 | DRS σ=0.354/branch |" in out
+    # The note names the radius cap of n = 20 draws at α = 0.001: σ Φ⁻¹(α^(1/n)) for RS.
+    cap = 0.5 * norm.ppf(0.001 ** (1 / 20))
+    assert f"RS σ=0.5: {cap:.2f}" in out and "falls to 0 there" in out
+    assert f"RS σ=0.5: {cap:.2f}" in (tmp_path / "demo" / "summary.md").read_text()
     for name in ("rs.tsv", "drs.tsv", "certified_accuracy.png", "summary.md", "drs/branch1.pt"):
         assert (tmp_path / "demo" / name).exists(), name
     assert len(read_tsv(tmp_path / "demo" / "drs.tsv")) == 4
@@ -349,81 +357,25 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "other settings" in error_of(capsys, [*argv, "--n", "30"])
 
 
-# -- drs bench (a benchmark: the tests check its output and errors, never its timings) ---------
-
-TINY_BENCH = ["bench", "--device", "cpu", "--shape", "2", "4", "6", "--num", "3"]
-TINY_BENCH += ["--repeats", "2", "--warmup", "1"]
-
-
-def bench_rows(out: str) -> dict[str, dict[str, str]]:
-    """The rows of `drs bench`'s table, keyed by partition, as {column: cell}."""
-    lines = [line for line in out.splitlines() if line.startswith("| ")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    rows = [
-        dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
-        for line in lines[1:]
-    ]
-    return {row["partition x fill"].split()[0]: row for row in rows}
+def test_cohen_flag_names_are_aliases(workdir, tmp_path):
+    """--N0 / --N (Cohen et al.'s certify.py) give the same file as --n0 / --n."""
+    root, data = workdir
+    rows = {}
+    for flags, name in (
+        (["--n0", "10", "--n", "30"], "lower"),
+        (["--N0", "10", "--N", "30"], "cohen"),
+    ):
+        argv = ["certify", "--data", data, "--checkpoint", str(root / "rs" / "model.pt")]
+        argv += [*flags, "--batch", "32", "--max", "3", "--out", str(tmp_path / f"{name}.tsv")]
+        assert cli.main(argv) == 0
+        rows[name] = rows_without_time(tmp_path / f"{name}.tsv")
+    assert rows["lower"] == rows["cohen"] and len(rows["lower"]) == 3
 
 
-def test_drs_bench_prints_both_pipelines_for_each_partition(capsys):
-    assert cli.main(TINY_BENCH) == 0
-    out = capsys.readouterr().out
-    assert "Device: " in out and f"torch {torch.__version__}" in out and "threads" in out
-    rows = bench_rows(out)
-    assert set(rows) == {"diag", "none"}
-    for row in rows.values():
-        assert {"plain ms", "drs_ext ms"} <= set(row)
-        speedup = float(row["speed-up"].removesuffix("x"))
-        assert np.isfinite(speedup) and speedup > 0
-        assert float(row["max dev. vs reference"]) < 1e-4
-    assert rows["diag"]["views"] == "2 x 3 x 2x4x6"
-    # One partition, 16-bit output (the CPU kernel writes it too), an odd width without diag.
-    argv = [*TINY_BENCH, "--partition", "none", "--out-dtype", "bf16", "--shape", "1", "3", "5"]
+def test_progress_bars_only_on_a_terminal(workdir, tmp_path, capsys):
+    """Off a terminal (a captured log) no bar is drawn even without --no-progress."""
+    root, data = workdir
+    argv = ["certify", "--data", data, "--checkpoint", str(root / "rs" / "model.pt")]
+    argv += ["--n0", "10", "--n", "30", "--max", "2", "--out", str(tmp_path / "log.tsv")]
     assert cli.main(argv) == 0
-    out = capsys.readouterr().out
-    assert set(bench_rows(out)) == {"none"} and "out bfloat16" in out
-
-
-def test_drs_bench_errors_name_the_argument(capsys):
-    err = error_of(capsys, [*TINY_BENCH, "--shape", "3", "4", "5"])
-    assert "--shape 3 4 5 has an odd width W=5" in err and "--partition both" in err
-    assert "--num must be >= 1, got 0" in error_of(capsys, [*TINY_BENCH, "--num", "0"])
-    err = error_of(capsys, [*TINY_BENCH, "--out-dtype", "float64"])
-    assert "--out-dtype must be one of float32, float16, bfloat16" in err and "float64" in err
-    assert "--shape" in error_of(capsys, [*TINY_BENCH, "--shape", "0", "4", "4"])
-    assert "--repeats" in error_of(capsys, [*TINY_BENCH, "--repeats", "0"])
-    assert "--device 'tpu:x'" in error_of(capsys, [*TINY_BENCH, "--device", "tpu:x"])
-    if not (torch.cuda.is_available() and drs_ext.built_with_cuda):
-        assert "--device cuda:0: " in error_of(capsys, [*TINY_BENCH, "--device", "cuda:0"])
-
-
-def test_drs_bench_refuses_to_time_a_wrong_op(monkeypatch, capsys):
-    """The check before timing compares the op with drs_ext.reference: an op off by 1e-3 fails."""
-    from drs_ext import bench
-
-    real = bench.noisy_views
-    monkeypatch.setattr(bench, "noisy_views", lambda *a, **kw: real(*a, **kw) + 1e-3)
-    assert cli.main(TINY_BENCH) == 1
-    assert "deviates from drs_ext.reference by 1.0" in capsys.readouterr().err
-
-
-def test_plain_views_fill_like_the_reference():
-    """With σ → 0 both pipelines return the fill of the clean sub-image, so the benchmark's
-    baseline computes the same function as drs_ext (a fair comparison)."""
-    from drs_ext import reference
-    from drs_ext.bench import PlainViews
-
-    x = torch.rand(3, 6, 8)
-    sigma = 1e-8
-    expected = reference.noisy_views(
-        x[None], [sigma, sigma], num=2, seed=0, partition="diag", fill_mode="neighbors"
-    )[0]
-    plain = PlainViews(x, "diag")
-    for p in (0, 1):
-        torch.testing.assert_close(
-            plain.branch(p, num=2, sigma=sigma), expected[p], rtol=0, atol=1e-6
-        )
-    views = PlainViews(x, "none").views(2, sigma, torch.float16)
-    assert len(views) == 1 and views[0].dtype == torch.float16 and views[0].shape == (2, 3, 6, 8)
-    torch.testing.assert_close(views[0].float(), x.expand(2, -1, -1, -1), rtol=0, atol=2e-3)
+    assert "it/s" not in capsys.readouterr().err

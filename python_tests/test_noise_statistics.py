@@ -1,4 +1,5 @@
-"""Statistics of the kernels' noise: N(0, σ²), independent across everything that should be.
+"""Statistics of the kernels' noise on every device: N(0, σ²), independent across everything
+that should be.
 
 About 10^6 draws per test; bounds are 6 standard errors for means, variances and tail fractions,
 5/sqrt(N) for correlations, and p > 1e-3 for the goodness-of-fit tests (all with fixed seeds, so
@@ -12,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import kept_mask, packed, random_images
+from conftest import DEVICE_PARAMS, kept_mask, packed, random_images
 from scipy import stats
 
 import drs_ext
@@ -22,12 +23,12 @@ N_IMAGES, NUM, HEIGHT, WIDTH = 4, 1000, 16, 16
 MAX_RADIUS = math.sqrt(-2.0 * math.log(2.0**-33))  # Box–Muller radius at the smallest u
 
 
-@pytest.fixture(scope="module")
-def standard() -> np.ndarray:
+@pytest.fixture(scope="module", params=DEVICE_PARAMS)
+def standard(request: pytest.FixtureRequest) -> np.ndarray:
     """x = 0, partition "none": (images/streams, samples, H, W) standard normals, float64."""
-    x = torch.zeros(N_IMAGES, 1, HEIGHT, WIDTH)
+    x = torch.zeros(N_IMAGES, 1, HEIGHT, WIDTH, device=request.param)
     out = drs_ext.noisy_views(x, SIGMA, num=NUM, seed=2024, partition="none", fill="zeros")
-    return (out[:, 0, :, 0] / SIGMA).double().numpy()  # dividing by 0.5 is exact
+    return (out[:, 0, :, 0].cpu() / SIGMA).double().numpy()  # dividing by 0.5 is exact
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,13 +114,16 @@ def test_no_dependence_between_the_lanes_of_a_philox_group(standard: np.ndarray)
         assert_uncorrelated(lanes[..., a] ** 2, lanes[..., b] ** 2, f"squares of lanes {a}, {b}")
 
 
-@pytest.fixture(scope="module")
-def branch_noise() -> tuple[list[np.ndarray], tuple[float, float]]:
+@pytest.fixture(scope="module", params=DEVICE_PARAMS)
+def branch_noise(request: pytest.FixtureRequest) -> tuple[list[np.ndarray], tuple[float, float]]:
     """Partition "diag", fill "zeros", random x, σ = (0.3, 1.2): per branch, out − x on the kept
     pixels in packed order, (images, samples, C·H·W/2)."""
     sigma = (0.3, 1.2)
     x = random_images((4, 2, 16, 16), seed=8, scale=0.5)
-    out = drs_ext.noisy_views(x, sigma, num=250, seed=99, partition="diag", fill="zeros")
+    views = drs_ext.noisy_views(
+        x.to(request.param), sigma, num=250, seed=99, partition="diag", fill="zeros"
+    )
+    out = views.cpu()
     noise = []
     for p in range(2):
         diff = out[:, p] - x[:, None]
@@ -152,23 +156,27 @@ def test_no_correlation_between_branches(
     ("offset", "stream", "seed"),
     [(2**40 - 100, 7, 1), (2**56 - 500, 2**32 - 1, 2**63 - 1), (2**32 - 250, 123, 2**32)],
 )
-def test_statistics_at_extreme_counters(offset: int, stream: int, seed: int) -> None:
+def test_statistics_at_extreme_counters(
+    device: torch.device, offset: int, stream: int, seed: int
+) -> None:
     """Far sample indices (crossing 2^32), the largest stream id and seeds using the high key."""
-    x = torch.zeros(1, 3, 16, 16)
+    x = torch.zeros(1, 3, 16, 16, device=device)
+    ids = torch.tensor([stream], device=device)
     out = drs_ext.noisy_views(
-        x, 1.0, num=500, seed=seed, offset=offset, stream=torch.tensor([stream]), partition="none"
+        x, 1.0, num=500, seed=seed, offset=offset, stream=ids, partition="none"
     )
-    z = out.double().numpy().reshape(500, -1)
+    z = out.cpu().double().numpy().reshape(500, -1)
     assert_standard_normal_moments(z)
     assert stats.kstest(z.reshape(-1), "norm").pvalue > 1e-3
     assert_uncorrelated(z[:-1], z[1:], "consecutive samples")
     assert_uncorrelated(z[:, :-1], z[:, 1:], "consecutive elements")
 
 
-def test_no_correlation_between_seeds() -> None:
-    x = torch.zeros(2, 3, 16, 16)
-    a = drs_ext.noisy_views(x, 1.0, num=200, seed=5, partition="none").double().numpy()
-    b = drs_ext.noisy_views(x, 1.0, num=200, seed=6, partition="none").double().numpy()
-    assert_uncorrelated(a, b, "seeds 5, 6")
-    c = drs_ext.noisy_views(x, 1.0, num=200, seed=5 + 2**32, partition="none").double().numpy()
-    assert_uncorrelated(a, c, "seeds differing in the high key word")
+def test_no_correlation_between_seeds(device: torch.device) -> None:
+    x = torch.zeros(2, 3, 16, 16, device=device)
+
+    def normals(seed: int) -> np.ndarray:
+        return drs_ext.noisy_views(x, 1.0, num=200, seed=seed, partition="none").cpu().numpy()
+
+    assert_uncorrelated(normals(5), normals(6), "seeds 5, 6")
+    assert_uncorrelated(normals(5), normals(5 + 2**32), "seeds differing in the high key word")

@@ -1,4 +1,5 @@
-"""Philox4x32-10 known-answer vectors (Random123) for the reference and the kernel path.
+"""Philox4x32-10 known-answer vectors (Random123) for the reference and the kernels of every
+device.
 
 The kernels expose no raw Philox, so the kernel path is checked through noisy_views with x = 0 and
 sigma = 1: its output is then the standard normals themselves. The expected normals come from an
@@ -91,11 +92,22 @@ def expected_normals(seed: int, stream: int, branch: int, sample: int, m: int) -
 
 
 def kernel_normals(
-    seed: int, stream: int, sample: int, partition: str, shape: tuple[int, int, int]
+    seed: int,
+    stream: int,
+    sample: int,
+    partition: str,
+    shape: tuple[int, int, int],
+    device: torch.device,
 ) -> list[np.ndarray]:
     """Per branch, the kernel's standard normals of one sample in sub-image element order."""
     planes = noise_planes(
-        seed=seed, stream=stream, offset=sample, partition=partition, num=1, shape=shape
+        device=device,
+        seed=seed,
+        stream=stream,
+        offset=sample,
+        partition=partition,
+        num=1,
+        shape=shape,
     )
     return [plane[0].double().numpy() for plane in planes]
 
@@ -127,14 +139,14 @@ def test_reference_philox_equals_numpy_philox_on_random_counters() -> None:
         np.testing.assert_array_equal(got, expected)
 
 
-def test_kernel_reproduces_random123_vector_zero() -> None:
+def test_kernel_reproduces_random123_vector_zero(device: torch.device) -> None:
     """KAT 1 (ctr 0, key 0) is reachable: seed 0, stream 0, sample 0, branch 0, group 0."""
     ctr, key, words = RANDOM123_KAT[0]
     expected = numpy_box_muller(np.array(words, dtype=np.uint64))
-    (none,) = kernel_normals(seed_of_key(key), 0, 0, "none", (1, 1, 4))
+    (none,) = kernel_normals(seed_of_key(key), 0, 0, "none", (1, 1, 4), device)
     np.testing.assert_allclose(none, expected, rtol=0, atol=1e-5)
     # Branch 0 of the diagonal partition uses the same counters: sub-image elements 0..3.
-    diag_l, _ = kernel_normals(seed_of_key(key), 0, 0, "diag", (1, 1, 8))
+    diag_l, _ = kernel_normals(seed_of_key(key), 0, 0, "diag", (1, 1, 8), device)
     np.testing.assert_allclose(diag_l, expected, rtol=0, atol=1e-5)
 
 
@@ -162,6 +174,7 @@ KERNEL_VECTORS: list[tuple[int, int, int, str, tuple[int, int, int], int, int]] 
     ("seed", "stream", "sample", "partition", "shape", "branch", "group"), KERNEL_VECTORS
 )
 def test_kernel_matches_independent_philox_box_muller(
+    device: torch.device,
     seed: int,
     stream: int,
     sample: int,
@@ -175,7 +188,7 @@ def test_kernel_matches_independent_philox_box_muller(
     )
     words = numpy_philox(ctr, (seed & MASK32, seed >> 32))
     expected = numpy_box_muller(words)
-    got = kernel_normals(seed, stream, sample, partition, shape)[branch]
+    got = kernel_normals(seed, stream, sample, partition, shape, device)[branch]
     lanes = got[4 * group : 4 * group + 4]  # the last group of an image may be cut short
     np.testing.assert_allclose(lanes, expected[: lanes.size], rtol=0, atol=1e-5)
     # Every other element of the sub-image as well.
@@ -184,13 +197,22 @@ def test_kernel_matches_independent_philox_box_muller(
 
 
 @pytest.mark.parametrize("partition", ["diag", "none"])
-def test_kernel_and_reference_normals_match_numpy_on_a_whole_batch(partition: str) -> None:
+def test_kernel_and_reference_normals_match_numpy_on_a_whole_batch(
+    device: torch.device, partition: str
+) -> None:
     seed, offset, num = 987654321987, 2**33 - 2, 4
     streams = torch.tensor([3, 0, 2**31 + 5])
-    x = torch.zeros(3, 3, 5, 6)
+    x = torch.zeros(3, 3, 5, 6, device=device)
     out = drs_ext.noisy_views(
-        x, 1.0, num=num, seed=seed, offset=offset, stream=streams, partition=partition, fill="zeros"
-    )
+        x,
+        1.0,
+        num=num,
+        seed=seed,
+        offset=offset,
+        stream=streams.to(device),
+        partition=partition,
+        fill="zeros",
+    ).cpu()
     for n, stream in enumerate(streams.tolist()):
         for p in range(2 if partition == "diag" else 1):
             for s in range(num):

@@ -9,7 +9,9 @@ import pytest
 from scipy.optimize import brentq
 from scipy.special import gammainc
 from scipy.stats import norm
+from torch import nn
 
+import drs_ext
 from drs_ext.radius import (
     curse_of_dimensionality_curve,
     drs_radius,
@@ -212,3 +214,14 @@ def test_numpy_scalars_are_accepted() -> None:
     assert rs_radius(np.float32(0.75), np.float64(0.5)) == pytest.approx(rs_radius(0.75, 0.5))
     assert rs_radius_upper_bound(0.9, 0.5, np.int64(10)) == rs_radius_upper_bound(0.9, 0.5, 10)
     assert isinstance(drs_radius(np.float64(0.9), 0.8, 0.5, 0.5), float)
+
+
+def test_max_radius_is_the_radius_of_unanimous_votes():
+    """The radius cap of n draws: RS σΦ⁻¹(α^(1/n)); DRS each branch at α/2 (Clopper–Pearson's
+    bound for k = n is (α)^(1/n)), summed over √(σₗ⁻² + σᵣ⁻²)."""
+    model = nn.Flatten()
+    rs = drs_ext.SmoothedClassifier(model, num_classes=3, sigma=0.5)
+    assert rs.max_radius(2000, 0.001) == pytest.approx(0.5 * norm.ppf(0.001 ** (1 / 2000)))
+    drs = drs_ext.DualSmoothedClassifier(model, model, num_classes=3, sigma=(0.3, 0.4))
+    a = norm.ppf(0.0005 ** (1 / 100))
+    assert drs.max_radius(100, 0.001) == pytest.approx(2 * a / math.hypot(1 / 0.3, 1 / 0.4))

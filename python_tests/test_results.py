@@ -1,4 +1,4 @@
-"""Cohen et al.'s TSV format: writing, resuming, merging and analysing (drs_ext/results.py)."""
+"""Cohen et al.'s TSV format: writing, resuming, merging and analysing (drs_ext/io/results.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import datetime
 
 import pytest
 
-from drs_ext.results import (
+from drs_ext.io.results import (
     HEADER,
     TsvWriter,
     format_row,

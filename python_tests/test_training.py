@@ -1,5 +1,5 @@
-"""Training wrappers, loss recipes, trainer resume and checkpoints (drs_ext/training.py,
-drs_ext/checkpoint.py, drs_ext/models.py)."""
+"""Training wrappers, loss recipes, trainer resume and checkpoints (drs_ext/train/,
+drs_ext/io/checkpoint.py, drs_ext/models.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import drs_ext
-from drs_ext.checkpoint import (
+from drs_ext.io.checkpoint import (
     BranchSpec,
     check_drs_pair,
     check_sigma,
@@ -18,9 +18,9 @@ from drs_ext.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from drs_ext.data import TensorDataset
+from drs_ext.io.data import TensorDataset
 from drs_ext.models import build_model
-from drs_ext.training import (
+from drs_ext.train import (
     RECIPES,
     Macer,
     NoisyBranch,

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Compile-checks every csrc/cuda/*.cu (and benchmarks/tune/*.cu, a harness that launches those
-# kernels in other shapes) with nvcc, to object files in a temporary directory, for sm_80 and
-# sm_90. Needs nvcc and the installed torch's headers only: no GPU and no CUDA build of
-# torch (DESIGN.md §3). -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for c10/cuda's generated
+# Compile-checks every .cu under csrc/ with nvcc, to object files in a temporary directory, for
+# sm_80 and sm_90. Needs nvcc and the installed torch's headers only: no GPU and no CUDA build of
+# torch (docs/design.md §3). -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE stands in for c10/cuda's generated
 # cuda_cmake_macros.h, which the CPU wheel does not ship; nothing else is stubbed. The flags
 # follow torch's CUDAExtension build (COMMON_NVCC_FLAGS) and setup.py.
 #
@@ -24,11 +23,9 @@ if [[ -z "${NVCC:-}" ]]; then
   fi
 fi
 
-shopt -s nullglob
-# The kernels, and the tuning harness that launches them in other shapes (benchmarks/tune).
-SOURCES=("$ROOT"/csrc/cuda/*.cu "$ROOT"/benchmarks/tune/*.cu)
+mapfile -t SOURCES < <(find "$ROOT/csrc" -name '*.cu' | sort)
 if ((${#SOURCES[@]} == 0)); then
-  echo "nvcc_check: no .cu files under csrc/cuda" >&2
+  echo "nvcc_check: no .cu files under csrc/" >&2
   exit 2
 fi
 

@@ -1,7 +1,6 @@
 // What the two noisy_views kernels (noisy_views_diag.cuh, noisy_views_none.cuh) share: the
 // launch's fields, where each output plane's image and noise come from, and aligned vectors for
-// their wide loads and stores. The host runs of the kernels (python_tests/host/*_host.cpp) use
-// the same Common and locate, so they map planes exactly as the kernels do.
+// their wide loads and stores.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -12,13 +11,6 @@
 
 #include "drs/philox.h"  // DRS_HOST_DEVICE, PhiloxKeys
 #include "noisy_views_args.h"
-
-// Hook called with the address and size of every vector load and store. The host runs of the
-// kernels (python_tests/host/*_host.cpp) define it before including the kernel headers, to check
-// that each is aligned to its size as the device needs; in the kernels it is empty.
-#ifndef DRS_VEC_ACCESS_HOOK
-#define DRS_VEC_ACCESS_HOOK(ptr, bytes)
-#endif
 
 // Before a loop the device compiler must not unroll: the loops over the samples of a chunk, whose
 // iterations, interleaved, would each hold a draw's registers. Nothing on the host.
@@ -111,7 +103,7 @@ inline Chunks make_chunks(const Common& c, int32_t samples) {
 // (blocks_per_chunk of them per chunk), so that shorter launches keep the device filled; 1 if
 // none does. Every size is tried, not only halvings: a CIFAR launch of 24,000 diag planes takes
 // chunks of 5, where halving from 8 would stop at 4 (a chunk's set-up, shared by its samples,
-// costs about 42 instructions per output of one sample: RESULTS.md).
+// costs tens of instructions per output of one sample).
 inline int32_t chunk_samples(const Common& c, int32_t max_samples, int64_t blocks_per_chunk,
                              int64_t min_blocks) {
   int32_t samples = max_samples;
@@ -151,7 +143,6 @@ struct alignas(sizeof(T) * kVec) Vec {
 template <typename T, int kVec>
 DRS_HOST_DEVICE void store_vec(T* dst, const Vec<T, kVec>& v) {
   static_assert(sizeof(v) == 16 || sizeof(v) == 8, "vector stores of 8 or 16 bytes");
-  DRS_VEC_ACCESS_HOOK(dst, sizeof(v));
 #ifdef __CUDA_ARCH__
   if constexpr (sizeof(v) == 16) {
     uint4 b;

@@ -12,11 +12,8 @@
 // An item is one thread's unit of work, done for every sample of the chunk, so its index math is
 // shared by the samples; items of a phase write disjoint locations, so the kernel
 // runs them in any order between two barriers. The per-block functions are DRS_HOST_DEVICE with
-// no CUDA-only dependency: the kernel runs run_tile with a functor that strides the items of a
-// phase over the block's threads and ends with __syncthreads(). CI has no GPU, so
-// python_tests/test_cuda_tiling_host.py runs the same run_tile on the host (harness
-// python_tests/host/diag_tiling_host.cpp), the items of each phase in a shuffled order, and
-// compares the result with the CPU kernel.
+// no CUDA-only dependency: the kernel (noisy_views_kernel.cu) runs run_tile with a functor that
+// strides the items of a phase over the block's threads and ends with __syncthreads().
 #pragma once
 
 // IntegerDivider.cuh uses C10_HOST_DEVICE without including its definition: Macros.h first.
@@ -32,12 +29,6 @@
 #include "drs/normal.h"
 #include "drs/partition.h"
 #include "noisy_views_common.cuh"
-
-// Hook called at each slot that store_item fills through fill_slot. The host run of the kernel
-// (python_tests/host/diag_tiling_host.cpp) counts them; in the kernel it is empty.
-#ifndef DRS_FILL_SLOT_HOOK
-#define DRS_FILL_SLOT_HOOK()
-#endif
 
 namespace drs_ext {
 namespace diag {
@@ -68,10 +59,7 @@ struct Geometry {
   Divider draw_items_div, store_items_div;
 };
 
-// tile_elems: the packed elements a tile aims at (kTileElems; benchmarks/tune/diag_tune.cu
-// tries others).
-inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width,
-                              int32_t tile_elems = kTileElems) {
+inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width) {
   Geometry geo;
   geo.height = static_cast<int32_t>(height);
   geo.width = static_cast<int32_t>(width);
@@ -79,7 +67,7 @@ inline Geometry make_geometry(int64_t channels, int64_t height, int64_t width,
   geo.plane_rows = static_cast<int32_t>(channels * height);
   geo.col_tiles = (geo.sub_width + kMaxTileCols - 1) / kMaxTileCols;
   geo.tile_cols = (geo.sub_width + geo.col_tiles - 1) / geo.col_tiles;
-  geo.tile_rows = std::min(geo.plane_rows, std::max(1, tile_elems / geo.tile_cols));
+  geo.tile_rows = std::min(geo.plane_rows, std::max(1, kTileElems / geo.tile_cols));
   geo.tiles = (geo.plane_rows + geo.tile_rows - 1) / geo.tile_rows * geo.col_tiles;
   // Halo rows are taken only inside a channel (make_tile), so tiles of whole channels have none:
   // a CIFAR plane (96 rows of 16) is one tile whose window is 6 KB, and eight samples' windows
@@ -109,14 +97,12 @@ inline size_t window_bytes(const Geometry& geo) {
 }
 
 // Samples per chunk the launch may take: as many windows as fit in kMaxWindowsBytes, up to
-// max_samples (the launcher's kMaxChunkSamples; benchmarks/tune/diag_tune.cu allows more); 1
-// where C·H·W is not a multiple of kItemOutputs, as the planes of a chunk must share their phase
-// (plane_phase) to share phase 2's items.
-inline int32_t max_chunk_samples(const Geometry& geo, int64_t plane_size,
-                                 int32_t max_samples = kMaxChunkSamples) {
+// kMaxChunkSamples; 1 where C·H·W is not a multiple of kItemOutputs, as the planes of a chunk
+// must share their phase (plane_phase) to share phase 2's items.
+inline int32_t max_chunk_samples(const Geometry& geo, int64_t plane_size) {
   if (plane_size % kItemOutputs != 0) return 1;
   const auto fit = static_cast<int32_t>(kMaxWindowsBytes / window_bytes(geo));
-  return std::max(1, std::min(fit, max_samples));
+  return std::max(1, std::min(fit, kMaxChunkSamples));
 }
 
 // Every fill reads at most one packed row or column away from the pixel it fills.
@@ -248,8 +234,7 @@ DRS_HOST_DEVICE int32_t plane_phase(int64_t plane, int32_t plane_size) {
   return static_cast<int32_t>((plane * plane_size) % kItemOutputs);
 }
 
-// The planes of chunk `chunk` of a launch writing `out`: what a block (and the host run of the
-// kernel) takes for the chunk.
+// The planes of chunk `chunk` of a launch writing `out`: what a block takes for the chunk.
 template <typename out_t>
 DRS_HOST_DEVICE ChunkPlanes<out_t> chunk_planes(const Common& c, const Chunks& chunks,
                                                 int64_t chunk, out_t* out) {
@@ -270,7 +255,7 @@ DRS_HOST_DEVICE ChunkPlanes<out_t> chunk_planes(const Common& c, const Chunks& c
 // on the row's parity: the threads of a warp fill items of rows of both parities, so each output
 // is a select between the kept value and the filled one. "neighbors" sums as the CPU kernel's
 // fill_neighbors_row does (above + below, then left, then right) and divides as exactly
-// (drs::divide_by_count), so the host run of this code equals the CPU kernel.
+// (drs::divide_by_count), so it fills a window exactly as the CPU kernel fills the same values.
 template <drs::Fill kFill, int kN>
 DRS_HOST_DEVICE void fill_slot(const float* sub, int32_t height, int32_t wp, int32_t i, int32_t j0,
                                int branch, float out[kN]) {
@@ -388,7 +373,6 @@ DRS_HOST_DEVICE void store_item(const Geometry& geo, const Tile& t, int32_t item
     const float* sub = w.sub;
     DRS_NO_UNROLL
     for (int32_t s = 0; s < planes.samples; ++s) {
-      DRS_FILL_SLOT_HOOK();
       float f[kN];
       fill_slot<kFill, kN>(sub, w.height, win_cols, w.i, w.j, w.branch, f);
       for (int l = 0; l < kN; ++l) v[l] = static_cast<out_t>(f[l]);
@@ -436,32 +420,6 @@ DRS_HOST_DEVICE void run_tile(const Geometry& geo, int32_t tile, ChunkPlanes<out
     store_item<kFill, out_t>(geo, t, item, planes, window);
   });
 }
-
-#if defined(__CUDACC__)
-// run_items of run_tile on the device: the block's threads stride over the items, then a barrier.
-struct BlockItems {
-  template <class Fn>
-  __device__ __forceinline__ void operator()(int32_t count, Fn&& fn) const {
-    for (int32_t item = threadIdx.x; item < count; item += blockDim.x) fn(item);
-    __syncthreads();
-  }
-};
-
-// The diag kernel: block (x, y) runs chunk first_chunk + x on tiles y, y + gridDim.y, ..., with
-// chunks.samples * window_bytes(geo) of dynamic shared memory. kThreads and kBlocksPerSm are its
-// launch bounds: noisy_views_kernel.cu launches 256 threads at 4 blocks per multiprocessor, and
-// benchmarks/tune/diag_tune.cu times other shapes of the same code.
-template <drs::Fill kFill, typename out_t, int kThreads, int kBlocksPerSm>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
-    noisy_views_diag_kernel(Common c, Geometry geo, Chunks chunks, int64_t first_chunk,
-                            out_t* __restrict__ out) {
-  extern __shared__ float window[];
-  const ChunkPlanes<out_t> planes = chunk_planes(c, chunks, first_chunk + blockIdx.x, out);
-  for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
-    run_tile<kFill, out_t>(geo, tile, planes, window, BlockItems{});
-  }
-}
-#endif
 
 }  // namespace diag
 }  // namespace drs_ext

@@ -5,15 +5,13 @@
 // partition "none": a block takes a chunk of consecutive samples of one (image, branch); a thread
 // takes one Philox element group of the chunk's planes and, for each sample, draws 4 normals
 // (drs::normal4) and writes those 4 consecutive outputs, one vector store where the output is
-// aligned (none::write_chunk_group, which python_tests/test_cuda_none_host.py also runs on the
-// host against the CPU kernel).
+// aligned (none::write_chunk_group).
 // partition "diag": a block owns one tile of the planes of a chunk of consecutive samples of one
 // (image, branch) row (noisy_views_diag.cuh). It draws the noisy sub-image of the tile and the
 // one-pixel halo its fill reads into shared memory, a window per sample, so each normal is drawn
 // once (up to halos), then writes the tile's full-resolution pixels, 8 per thread, item and
 // sample (diag::fill_slot, or drs::fill_pixel where an item straddles rows or the tile's edge),
-// 16 bytes per store where aligned (diag::run_tile, which python_tests/test_cuda_tiling_host.py
-// also runs on the host against the CPU kernel).
+// 16 bytes per store where aligned (diag::run_tile).
 // Index math inside a plane is 32-bit (checked below), plane offsets are 64-bit.
 //
 // x must be finite; checking that on the host would cost a synchronisation, so a small kernel
@@ -97,6 +95,30 @@ __global__ void __launch_bounds__(kThreads)
 // blocks, where "neighbors" used 77 registers, 24 of the 64 warp slots were filled instead of 32.
 constexpr int kDiagBlocksPerSm = 4;
 
+// run_items of diag::run_tile on the device: the block's threads stride over the items, then a
+// barrier.
+struct BlockItems {
+  template <class Fn>
+  __device__ __forceinline__ void operator()(int32_t count, Fn&& fn) const {
+    for (int32_t item = threadIdx.x; item < count; item += blockDim.x) fn(item);
+    __syncthreads();
+  }
+};
+
+// The diag kernel of fill kFill: block (x, y) runs chunk first_chunk + x on tiles y,
+// y + gridDim.y, ..., with chunks.samples * diag::window_bytes(geo) of dynamic shared memory.
+template <drs::Fill kFill, typename out_t>
+__global__ void __launch_bounds__(kThreads, kDiagBlocksPerSm)
+    noisy_views_diag_kernel(Common c, diag::Geometry geo, Chunks chunks, int64_t first_chunk,
+                            out_t* __restrict__ out) {
+  extern __shared__ float window[];
+  const diag::ChunkPlanes<out_t> planes =
+      diag::chunk_planes(c, chunks, first_chunk + blockIdx.x, out);
+  for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
+    diag::run_tile<kFill, out_t>(geo, tile, planes, window, BlockItems{});
+  }
+}
+
 // Blocks a launch should have at least, so chunks stay short enough to fill the device: 32 per
 // multiprocessor, five waves or more (the none kernel's 40 registers per thread fit 6 blocks of
 // 256, the diag kernels kDiagBlocksPerSm).
@@ -108,21 +130,19 @@ int64_t min_launch_blocks() {
   return int64_t{32} * multiprocessors;
 }
 
-// The diag kernel of `fill`, at 256 threads and kDiagBlocksPerSm blocks per multiprocessor.
+// The diag kernel of `fill`.
 template <typename out_t>
 auto diag_kernel(drs::Fill fill) {
   switch (fill) {
     case drs::Fill::kPair:
-      return &diag::noisy_views_diag_kernel<drs::Fill::kPair, out_t, kThreads, kDiagBlocksPerSm>;
+      return &noisy_views_diag_kernel<drs::Fill::kPair, out_t>;
     case drs::Fill::kBilinear:
-      return &diag::noisy_views_diag_kernel<drs::Fill::kBilinear, out_t, kThreads,
-                                            kDiagBlocksPerSm>;
+      return &noisy_views_diag_kernel<drs::Fill::kBilinear, out_t>;
     case drs::Fill::kZeros:
-      return &diag::noisy_views_diag_kernel<drs::Fill::kZeros, out_t, kThreads, kDiagBlocksPerSm>;
+      return &noisy_views_diag_kernel<drs::Fill::kZeros, out_t>;
     case drs::Fill::kNeighbors:
     default:
-      return &diag::noisy_views_diag_kernel<drs::Fill::kNeighbors, out_t, kThreads,
-                                            kDiagBlocksPerSm>;
+      return &noisy_views_diag_kernel<drs::Fill::kNeighbors, out_t>;
   }
 }
 

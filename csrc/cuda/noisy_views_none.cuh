@@ -3,8 +3,8 @@
 // kMaxChunkSamples consecutive samples of one (image, branch) row; a thread takes one Philox
 // element group g of the chunk's planes: it locates the row and loads x's 4 elements once, then
 // for each sample draws 4 normals (drs::normal4) and writes those 4 consecutive outputs, one
-// vector store where the output is aligned. DRS_HOST_DEVICE with no CUDA-only dependency:
-// python_tests/test_cuda_none_host.py runs it on the host against the CPU kernel.
+// vector store where the output is aligned. DRS_HOST_DEVICE with no CUDA-only dependency, so it
+// also compiles for the host.
 #pragma once
 
 #include <cstdint>
@@ -46,7 +46,6 @@ DRS_HOST_DEVICE void write_chunk_group(const Common& c, const Chunks& chunks, in
   const bool whole = vectorize && e + 4 <= c.plane_size;
   float xv[4];
   if (whole) {
-    DRS_VEC_ACCESS_HOOK(image + e, sizeof(Vec<float, 4>));
     const Vec<float, 4> v = *reinterpret_cast<const Vec<float, 4>*>(image + e);
     for (int l = 0; l < 4; ++l) xv[l] = v.v[l];
   } else {

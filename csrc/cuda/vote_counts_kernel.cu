@@ -2,8 +2,7 @@
 // of rows s of logits[g] whose argmax (the first maximum) is class k; a row holding a NaN votes
 // for no class. A thread (few classes) or a warp (many) scans a row, and the warps add their votes
 // with warp-aggregated integer atomics, so the counts are exact and deterministic. The per-thread
-// code is votes::count_rows (vote_counts_rows.cuh), which python_tests/test_cuda_votes_host.py
-// also runs on the host against the CPU kernel.
+// code is votes::count_rows (vote_counts_rows.cuh), run here with the device's warp intrinsics.
 #include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>

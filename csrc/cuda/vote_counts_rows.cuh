@@ -1,6 +1,6 @@
 // The per-thread code of the CUDA kernel vote_counts (vote_counts_kernel.cu), written against a
-// Warp interface so that python_tests/host/vote_counts_host.cpp can run the same code on the
-// host, one std::thread per lane, and check it against the CPU kernel (CI has no GPU).
+// Warp interface (below) rather than the warp intrinsics themselves, so that it is plain C++ that
+// also compiles for the host.
 //
 // kLanes threads scan one row. With few classes a thread owns a row and calls first_argmax on it.
 // With many, a warp owns a row: each lane calls first_argmax on a contiguous slice, and a
