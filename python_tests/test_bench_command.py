@@ -6,7 +6,9 @@ import numpy as np
 import torch
 
 import drs_ext
-from drs_ext import cli
+from drs_ext import cli, reference
+from drs_ext.cli import bench
+from drs_ext.cli.bench import PlainViews
 
 
 def error_of(capsys, argv) -> str:
@@ -63,8 +65,6 @@ def test_drs_bench_errors_name_the_argument(capsys):
 
 def test_drs_bench_refuses_to_time_a_wrong_op(monkeypatch, capsys):
     """The check before timing compares the op with drs_ext.reference: an op off by 1e-3 fails."""
-    from drs_ext.cli import bench
-
     real = bench.noisy_views
     monkeypatch.setattr(bench, "noisy_views", lambda *a, **kw: real(*a, **kw) + 1e-3)
     assert cli.main(TINY_BENCH) == 1
@@ -74,10 +74,6 @@ def test_drs_bench_refuses_to_time_a_wrong_op(monkeypatch, capsys):
 def test_plain_views_fill_like_the_reference():
     """With σ → 0 both pipelines return the fill of the clean sub-image, so the benchmark's
     baseline computes the same function as drs_ext (a fair comparison)."""
-    from drs_ext.cli.bench import PlainViews
-
-    from drs_ext import reference
-
     x = torch.rand(3, 6, 8)
     sigma = 1e-8
     expected = reference.noisy_views(

@@ -17,7 +17,17 @@ want=$(
     echo "${DRS_CPU_ONLY:-} ${FORCE_CUDA:-} ${TORCH_CUDA_ARCH_LIST:-} ${CXX:-}"
   } | sha256sum | cut -d' ' -f1
 )
-if [[ -f $stamp && $(cat "$stamp") == "$want" ]] && (cd /tmp && python3 -c "import drs_ext") 2>/dev/null; then
+# The installed drs_ext must be this checkout's (another clone's editable install would shadow it).
+installed_here() {
+  local here="$PWD/drs_ext"
+  (cd / && python3 - "$here" <<'PY'
+import pathlib, sys
+import drs_ext
+sys.exit(pathlib.Path(drs_ext.__file__).parent.resolve() != pathlib.Path(sys.argv[1]).resolve())
+PY
+  ) 2>/dev/null
+}
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]] && installed_here; then
   echo "drs_ext: sources unchanged since the last build; skipping the rebuild"
 else
   rm -f "$stamp"
