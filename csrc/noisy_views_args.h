@@ -1,10 +1,10 @@
 // The argument checks of drs_ext::noisy_views, run by both the CPU and the CUDA kernel before
 // anything else (docs/design.md §4). They are the op's only validation layer: the Python wrapper
 // converts Python values to the schema's types and checks nothing these checks cover. Each bad
-// input is a TORCH_CHECK naming the argument, what was expected and what was given. Two checks
-// read the tensors' values and so live with the kernels: x finite and stream ids in [0, 2^32)
-// are TORCH_CHECKs of the CPU kernel, and on CUDA, where reading values would cost a host
-// synchronisation, device-side asserts of the kernel.
+// input is a TORCH_CHECK naming the argument, what was expected and what was given. Three checks
+// read the tensors' values and so live with the kernels: x finite, stream ids in [0, 2^32) and a
+// per-image sigma finite and > 0 are TORCH_CHECKs of the CPU kernel, and on CUDA, where reading
+// values would cost a host synchronisation, device-side asserts of the kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,7 +24,11 @@ struct NoisyViewsArgs {
   drs::Partition partition;
   drs::Fill fill;
   int branches;
-  std::array<float, 2> sigma;  // per branch
+  std::array<float, 2> sigma;  // per branch, when sigma is the list
+  // sigma per image, when given as the tensor sigma_per_image: its values in float32 as an (N, P)
+  // tensor (an (N,) one expanded over the branches, stride 0), on x's device; undefined
+  // otherwise. The kernels read sigma of (n, p) at data[n * stride(0) + p * stride(1)].
+  at::Tensor sigma_image;
   at::ScalarType out_dtype;
   uint32_t key0, key1;         // the 64-bit seed
   int64_t num_groups;          // Philox calls per (image, branch, sample): ceil(m / 4)
@@ -48,11 +52,36 @@ inline drs::Fill parse_fill(c10::string_view name) {
               std::string(name), "\"");
 }
 
+// sigma given per image: `sigma_per_image` of shape (N,) (one value for every branch) or (N, P),
+// float32 or float64, on x's device, with the list `sigma` empty. Its values are checked by the
+// kernels (finite and > 0 in float32), as reading them here would synchronise a CUDA host.
+inline void check_sigma_per_image(const at::Tensor& x, at::ArrayRef<double> sigma,
+                                  const at::Tensor& per_image, int branches) {
+  TORCH_CHECK(sigma.empty(),
+              "noisy_views: sigma must be empty when sigma_per_image is given (one or the other), "
+              "got ",
+              sigma.size(), " values");
+  const int64_t images = x.size(0);
+  const bool per_branch = per_image.dim() == 2;
+  TORCH_CHECK((per_image.dim() == 1 || per_branch) && per_image.size(0) == images &&
+                  (!per_branch || per_image.size(1) == branches),
+              "noisy_views: sigma as a tensor (sigma_per_image) must have shape (N,) = (", images,
+              ",) or (N, P) = (", images, ", ", branches, "), got ", per_image.sizes());
+  TORCH_CHECK(per_image.scalar_type() == at::kFloat || per_image.scalar_type() == at::kDouble,
+              "noisy_views: sigma as a tensor (sigma_per_image) must be float32 or float64, got ",
+              per_image.scalar_type());
+  TORCH_CHECK(per_image.device() == x.device(),
+              "noisy_views: sigma as a tensor (sigma_per_image) must be on x's device ",
+              x.device(), ", got ", per_image.device());
+}
+
 inline NoisyViewsArgs check_noisy_views_args(const at::Tensor& x, at::ArrayRef<double> sigma,
                                              int64_t num, int64_t seed, int64_t offset,
                                              const at::Tensor& stream,
                                              c10::string_view partition, c10::string_view fill,
-                                             std::optional<at::ScalarType> out_dtype) {
+                                             std::optional<at::ScalarType> out_dtype,
+                                             const std::optional<at::Tensor>& sigma_per_image =
+                                                 std::nullopt) {
   NoisyViewsArgs args{};
   // x: its rank first, since every later check reads its sizes.
   TORCH_CHECK(x.dim() == 4, "noisy_views: x must have shape (N, C, H, W), got ", x.dim(),
@@ -71,15 +100,22 @@ inline NoisyViewsArgs check_noisy_views_args(const at::Tensor& x, at::ArrayRef<d
                 width, " (shape ", x.sizes(), ")");
   }
   // sigma: one value for every branch, or one per branch; each checked as the float32 the
-  // kernels compute with, so that a value rounding to 0 or inf is caught.
-  TORCH_CHECK(sigma.size() == 1 || static_cast<int>(sigma.size()) == args.branches,
-              "noisy_views: sigma must hold 1 value or one per branch (", args.branches,
-              " for partition=\"", std::string(partition), "\"), got ", sigma.size(), " values");
-  for (int p = 0; p < args.branches; ++p) {
-    const double s = sigma.size() == 1 ? sigma[0] : sigma[p];
-    args.sigma[p] = static_cast<float>(s);
-    TORCH_CHECK(std::isfinite(args.sigma[p]) && args.sigma[p] > 0.0f,
-                "noisy_views: sigma must be finite and > 0 in float32, got ", s, " for branch ", p);
+  // kernels compute with, so that a value rounding to 0 or inf is caught. Or, instead, one per
+  // image (and branch) in the tensor sigma_per_image.
+  if (sigma_per_image.has_value()) {
+    check_sigma_per_image(x, sigma, *sigma_per_image, args.branches);
+  } else {
+    TORCH_CHECK(sigma.size() == 1 || static_cast<int>(sigma.size()) == args.branches,
+                "noisy_views: sigma must hold 1 value or one per branch (", args.branches,
+                " for partition=\"", std::string(partition), "\"), got ", sigma.size(),
+                " values");
+    for (int p = 0; p < args.branches; ++p) {
+      const double s = sigma.size() == 1 ? sigma[0] : sigma[p];
+      args.sigma[p] = static_cast<float>(s);
+      TORCH_CHECK(std::isfinite(args.sigma[p]) && args.sigma[p] > 0.0f,
+                  "noisy_views: sigma must be finite and > 0 in float32, got ", s, " for branch ",
+                  p);
+    }
   }
   // num, seed, offset: the samples offset .. offset+num-1 index the Philox counter's 56 sample
   // bits (drs/philox.h); any int64 seed >= 0 is a key.
@@ -107,6 +143,15 @@ inline NoisyViewsArgs check_noisy_views_args(const at::Tensor& x, at::ArrayRef<d
               "noisy_views: x is too large: a sub-image (C*H*W, or C*H*W/2 for "
               "partition=\"diag\") may hold at most 2^34 elements, got ",
               m, " (shape ", x.sizes(), ")");
+  if (sigma_per_image.has_value()) {
+    // Rounded to float32 as a listed sigma is (static_cast<float> above), so a tensor holding
+    // the list's values draws the same views bit for bit. After every check: nothing is
+    // converted for a call that fails.
+    const at::Tensor values = sigma_per_image->to(at::kFloat);  // the tensor itself if float32
+    args.sigma_image = values.dim() == 2
+                           ? values
+                           : values.unsqueeze(1).expand({values.size(0), args.branches});
+  }
   args.key0 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
   args.key1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   return args;

@@ -8,10 +8,14 @@
 
 namespace drs_ext {
 
+// noisy_views takes sigma as a list (one value, or one per branch) or instead, with the list empty,
+// as a tensor of one value per image (and branch): sigma_per_image, a trailing argument with a
+// default, so calls of the list form read as before. One schema rather than an overload: one fake
+// impl, one autograd formula, one graph node under torch.compile.
 TORCH_LIBRARY(drs_ext, m) {
   m.def(
       "noisy_views(Tensor x, float[] sigma, int num, int seed, int offset, Tensor stream, "
-      "str partition, str fill, ScalarType? out_dtype) -> Tensor");
+      "str partition, str fill, ScalarType? out_dtype, Tensor? sigma_per_image=None) -> Tensor");
   m.def("vote_counts(Tensor logits) -> Tensor");
 }
 
@@ -27,7 +31,8 @@ TORCH_LIBRARY(drs_ext, m) {
 TORCH_LIBRARY_IMPL(drs_ext, CUDA, m) {
   m.impl("noisy_views",
          [](const at::Tensor&, at::ArrayRef<double>, int64_t, int64_t, int64_t, const at::Tensor&,
-            c10::string_view, c10::string_view, std::optional<at::ScalarType>) -> at::Tensor {
+            c10::string_view, c10::string_view, std::optional<at::ScalarType>,
+            const std::optional<at::Tensor>&) -> at::Tensor {
            built_without_cuda();
          });
   m.impl("vote_counts", [](const at::Tensor&) -> at::Tensor { built_without_cuda(); });

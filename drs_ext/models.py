@@ -17,7 +17,10 @@ __all__ = [
     "CifarResNet",
     "DigitsCNN",
     "Normalize",
+    "SELECTOR_ARCHS",
+    "SigmaSelectorCNN",
     "build_model",
+    "build_selector",
     "register_arch",
     "unwrap_normalize",
 ]
@@ -160,3 +163,57 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.stem(x)))
+
+
+class SigmaSelectorCNN(nn.Module):
+    """A noise-level selector h(x, λ) -> σ in (sigma_min, sigma_max) (the σ-selector of Hase et
+    al., "Variational Randomized Smoothing for Sample-Wise Adversarial Robustness"; their
+    architecture is not published).
+
+    Three stride-2 conv blocks pooled to a feature vector; λ in [0, 1], the weight of the KL
+    term the selector was trained with (drs_ext/train/sigma_selector.py), joins that vector as
+    one more input of a two-layer head, so one network serves every λ. The head's output z
+    becomes σ = sigma_min + (sigma_max − sigma_min)·sigmoid(z): clipped by construction and
+    differentiable everywhere. No batch norm: the output of one image never depends on the
+    others of its batch, in training as at certification.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        width: int = 8,
+        sigma_min: float = 0.12,
+        sigma_max: float = 1.0,
+        hidden: int = 32,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < sigma_min < sigma_max:
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
+            )
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for cout in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+            cin = cout
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(
+            nn.Linear(cin + 1, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
+        """(B,) σ for images x (B, C, H, W) and λ: a float or a (B,) / 0-d tensor."""
+        lam_t = torch.as_tensor(lam, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        z = self.head(torch.cat([self.features(x), lam_t[:, None]], dim=1))[:, 0]
+        return self.sigma_min + (self.sigma_max - self.sigma_min) * torch.sigmoid(z)
+
+
+SELECTOR_ARCHS: dict[str, Callable[..., nn.Module]] = {"sigma_selector_cnn": SigmaSelectorCNN}
+
+
+def build_selector(arch: str, **kwargs: object) -> nn.Module:
+    """A σ-selector by registry name (selector checkpoints store the name and its kwargs)."""
+    if arch not in SELECTOR_ARCHS:
+        raise ValueError(f"unknown selector architecture {arch!r}; known: {sorted(SELECTOR_ARCHS)}")
+    return SELECTOR_ARCHS[arch](**kwargs)

@@ -113,9 +113,24 @@ def fill(sub: torch.Tensor, branch: int, width: int, mode: str) -> torch.Tensor:
 _fill = fill  # noisy_views takes the op's keyword `fill`, which hides this function there
 
 
+def _sigma_table(
+    sigma: float | Sequence[float] | torch.Tensor, images: int, branches: int
+) -> list[list[float]]:
+    """σ of every (image, branch), each rounded to float32 as the op computes with it."""
+    if isinstance(sigma, torch.Tensor):
+        table = sigma.detach().cpu().to(torch.float32)
+        if table.dim() < 2:  # () or (N,): the same σ for every branch of an image
+            table = table.reshape(-1, 1).expand(images, branches)
+    else:
+        values = [float(sigma)] if isinstance(sigma, (int, float)) else list(sigma)
+        table = torch.tensor(values * (branches // len(values)), dtype=torch.float32)
+        table = table.expand(images, branches)
+    return table.tolist()
+
+
 def noisy_views(
     x: torch.Tensor,
-    sigma: float | Sequence[float],
+    sigma: float | Sequence[float] | torch.Tensor,
     *,
     num: int,
     seed: int,
@@ -127,16 +142,16 @@ def noisy_views(
 ) -> torch.Tensor:
     """drs_ext.noisy_views for valid arguments (docs/design.md §4), on the CPU.
 
-    An unknown partition (or, for "diag", fill) raises ValueError rather than a silently wrong
-    layout. Other arguments are not checked.
+    sigma takes the op's forms: a float, 1 or P floats (per branch), or a tensor of shape ()
+    (all), (N,) (per image) or (N, P) (per image and branch). An unknown partition (or, for
+    "diag", fill) raises ValueError rather than a silently wrong layout. Other arguments are not
+    checked.
     """
     if partition not in ("diag", "none"):
         raise ValueError(f"partition must be 'diag' or 'none', got {partition!r}")
     n_img, channels, height, width = x.shape
     branches = 2 if partition == "diag" else 1
-    sigmas = [float(sigma)] * branches if isinstance(sigma, (int, float)) else list(sigma)
-    if len(sigmas) == 1:
-        sigmas = sigmas * branches
+    sigmas = _sigma_table(sigma, n_img, branches)
     streams = torch.arange(n_img) if stream is None else stream.cpu()
     samples = torch.arange(offset, offset + num, dtype=torch.int64)
     out = torch.empty(n_img, branches, num, channels, height, width)
@@ -145,11 +160,11 @@ def noisy_views(
         for p in range(branches):
             if partition == "none":
                 z = standard_normals(seed, int(streams[n]), p, samples, x[n].numel())
-                out[n, p] = x[n] + sigmas[p] * z.reshape(num, channels, height, width)
+                out[n, p] = x[n] + sigmas[n][p] * z.reshape(num, channels, height, width)
                 continue
             sub = sub_image(x[n], p)
             z = standard_normals(seed, int(streams[n]), p, samples, sub.numel())
-            noisy = sub + sigmas[p] * z.reshape(num, *sub.shape)
+            noisy = sub + sigmas[n][p] * z.reshape(num, *sub.shape)
             out[n, p] = _fill(noisy, p, width, fill)
     return out.to(out_dtype or torch.float32)
 

@@ -10,6 +10,7 @@ never stored outputs of our own kernels.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -192,3 +193,21 @@ def tied_logits(groups: int, rows: int, classes: int, dtype: torch.dtype) -> tor
     g, s = torch.nonzero((pick >= 0.08) & (pick < 0.1), as_tuple=True)
     logits[g, s] = float("-inf")
     return logits
+
+
+class RandomVoter(nn.Module):
+    """Votes for class c with probability probs[c], independently for every view."""
+
+    def __init__(self, probs: list[float], seed: int) -> None:
+        super().__init__()
+        self.probs = torch.tensor(probs, dtype=torch.float64)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        votes = torch.multinomial(self.probs, views.shape[0], replacement=True, generator=self.gen)
+        return nn.functional.one_hot(votes, self.probs.numel()).float()
+
+
+def binomial_ceiling(rate: float, reps: int) -> float:
+    """rate plus 3 binomial standard errors: the tolerance of an observed frequency."""
+    return rate + 3.0 * math.sqrt(rate * (1.0 - rate) / reps)

@@ -107,6 +107,52 @@ def test_gradient_does_not_depend_on_seed_sigma_or_stream(device: torch.device) 
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("partition", "fill"), [("diag", "bilinear"), ("none", "neighbors")])
+@pytest.mark.parametrize("form", ["(N,)", "(N, P) float64", "0-d"])
+def test_gradients_with_sigma_per_image(
+    device: torch.device, partition: str, fill: str, form: str
+) -> None:
+    """σ per image changes the noise, not A: the gradient in x is the adjoint of the reference
+    map. The views are linear in σ (out = A x + σ·fill(z), fill linear), so dL/dσ[n, p] is the
+    sum of grad_out times the views of x = 0 at σ = 1, summed over the branches for one σ per
+    image and over everything for a 0-d σ."""
+    x = random_images((3, 2, 4, 6), seed=12).to(device).requires_grad_()
+    table = torch.tensor([[0.2, 1.0], [0.7, 0.1], [1.5, 0.4]])[:, : branches(partition)]
+    sigma = {
+        "(N,)": table[:, 0],
+        "(N, P) float64": table.double(),
+        "0-d": torch.tensor(0.6),
+    }[form].to(device)
+    sigma.requires_grad_()
+    kw = {"num": 2, "seed": 3, "offset": 9, "partition": partition, "fill": fill}
+    out = drs_ext.noisy_views(x, sigma, **kw)  # type: ignore[arg-type]
+    grad_out = torch.randn(out.shape, generator=make_generator(13)).to(device)
+    out.backward(grad_out)
+    assert x.grad is not None and sigma.grad is not None
+    expected = reference_adjoint(grad_out, x, partition, fill)
+    torch.testing.assert_close(x.grad.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+    unit = reference.noisy_views(torch.zeros(x.shape), 1.0, **kw)  # type: ignore[arg-type]
+    per_branch = (grad_out.cpu().double() * unit.double()).sum(dim=(2, 3, 4, 5))
+    expected_sigma = {"(N,)": per_branch.sum(1), "(N, P) float64": per_branch}.get(
+        form, per_branch.sum()
+    )
+    assert sigma.grad.shape == sigma.shape and sigma.grad.dtype == sigma.dtype
+    torch.testing.assert_close(sigma.grad.cpu().double(), expected_sigma, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
+@pytest.mark.parametrize(("partition", "fill"), [("diag", "neighbors"), ("none", "neighbors")])
+def test_gradcheck_in_x_and_sigma(device: torch.device, partition: str, fill: str) -> None:
+    x = random_images((2, 2, 2, 4), seed=5, scale=0.5).to(device).requires_grad_()
+    sigma = torch.tensor([[0.3, 0.8], [1.1, 0.5]], dtype=torch.float64)[:, : branches(partition)]
+    sigma = sigma.to(device).requires_grad_()
+
+    def f(inp: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return drs_ext.noisy_views(inp, s, num=2, seed=4, partition=partition, fill=fill)
+
+    assert torch.autograd.gradcheck(f, (x, sigma), eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_backward_with_16_bit_output(device: torch.device, out_dtype: torch.dtype) -> None:
     x = random_images((2, 3, 4, 6), seed=8).to(device).requires_grad_()

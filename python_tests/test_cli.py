@@ -286,7 +286,26 @@ def test_resume_refuses_a_file_from_another_selection(workdir, tmp_path, capsys)
             "--resume",
         ],
     )
-    assert "--skip/--max/--shard" in err
+    assert "skip: 1 (the file) vs 2 (this run)" in err
+    # A file without its settings (older drs_ext) is still caught by the selection check.
+    (tmp_path / "a.tsv.settings.json").unlink()
+    err = error_of(
+        capsys,
+        [
+            "certify",
+            "--data",
+            workdir[1],
+            "--checkpoint",
+            str(workdir[0] / "rs" / "model.pt"),
+            *CERTIFY,
+            "--skip",
+            "2",
+            "--out",
+            str(tmp_path / "a.tsv"),
+            "--resume",
+        ],
+    )
+    assert "cannot be checked" in err and "--skip/--max/--shard" in err
 
 
 def test_data_specs(tmp_path):
@@ -338,20 +357,60 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         "20",
         "--width",
         "4",
+        "--estimator-epochs",
+        "1",
+        "--label-n",
+        "10",
+        "--selector-epochs",
+        "1",
+        "--lams",
+        "0",
+        "1",
+        "--n-selector",
+        "50",
+        "--attack-num",
+        "2",
+        "--attack-n",
+        "20",
+        "--attack-steps",
+        "1",
+        "--epsilons",
+        "0.5",
         "--out-dir",
         str(tmp_path / "demo"),
         "--no-progress",
     ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| | RS σ=0.5 | DRS σ=0.354/branch |" in out
+    header = next(line for line in out.splitlines() if line.startswith("| | "))
+    assert "| RS σ=0.5 |" in header and "| DRS σ=0.354/branch |" in header
+    assert "| RS σ=0.25 |" in header and "| RS σ=1 |" in header and "| σ-routed |" in header
+    assert "σ-routing: images routed σ = 0.25:" in out
+    routed = read_tsv(tmp_path / "demo" / "routed.tsv")
+    assert len(routed) == 4 and all(len(row.extra) == 3 for row in routed)
     # The note names the radius cap of n = 20 draws at α = 0.001: σ Φ⁻¹(α^(1/n)) for RS.
     cap = 0.5 * norm.ppf(0.001 ** (1 / 20))
     assert f"RS σ=0.5: {cap:.2f}" in out and "falls to 0 there" in out
     assert f"RS σ=0.5: {cap:.2f}" in (tmp_path / "demo" / "summary.md").read_text()
-    for name in ("rs.tsv", "drs.tsv", "certified_accuracy.png", "summary.md", "drs/branch1.pt"):
+    for name in ("drs.tsv", "certified_accuracy.png", "summary.md", "drs/branch1.pt"):
         assert (tmp_path / "demo" / name).exists(), name
     assert len(read_tsv(tmp_path / "demo" / "drs.tsv")) == 4
+    # The σ-selector's columns (one per λ, the radius capped by D = 0.25) and the attack table.
+    assert "| σ-selector λ=0 |" in header and "| σ-selector λ=1 |" in header
+    for lam in ("0", "1"):
+        rows = read_tsv(tmp_path / "demo" / f"selector_{lam}.tsv")
+        assert len(rows) == 4 and all(len(r.extra) == 4 and r.radius <= 0.25 for r in rows)
+    attack = next(line for line in out.splitlines() if line.startswith("| | RS σ=0.5 |"))
+    assert "σ-selector λ=0.5 (σ fixed)" in attack and "σ-selector λ=0.5 (pipeline)" in attack
+    assert "| robust acc. @ ε = 0.5 |" in out and "0 changed PREDICT's class there" in out
+    for name in (
+        "attack.png",
+        "attack_rs.tsv",
+        "attack_selector_pipeline.tsv",
+        "universal/model.pt",
+    ):
+        assert (tmp_path / "demo" / name).exists(), name
+    assert "robust acc. @ ε = 0.5" in (tmp_path / "demo" / "summary.md").read_text()
     # A rerun resumes (nothing left to do); other settings need --overwrite or another dir.
     assert cli.main(argv) == 0
     assert "other settings" in error_of(capsys, [*argv, "--n", "30"])

@@ -180,7 +180,7 @@ def test_sigma_forms_are_equivalent(device: torch.device) -> None:
     x = random_images((2, 3, 4, 6), seed=6).to(device)
     kw = {"num": 3, "seed": 11, "partition": "diag"}
     scalar = drs_ext.noisy_views(x, 0.5, **kw)  # type: ignore[arg-type]
-    for form in ([0.5], (0.5, 0.5), [0.5, 0.5], torch.tensor([0.5, 0.5])):
+    for form in ([0.5], (0.5, 0.5), [0.5, 0.5]):  # tensor forms: test_sigma_per_image.py
         assert torch.equal(drs_ext.noisy_views(x, form, **kw), scalar)  # type: ignore[arg-type]
     none = drs_ext.noisy_views(x, 0.5, num=3, seed=11, partition="none")
     assert torch.equal(drs_ext.noisy_views(x, [0.5], num=3, seed=11, partition="none"), none)
@@ -402,7 +402,7 @@ def test_stream_on_another_device_is_an_error() -> None:
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_non_finite_x_stops_the_cuda_kernel(partition: str, bad: str) -> None:
     """One NaN or Inf anywhere in x stops the call with the device-side assert of
-    assert_finite_kernel (in a subprocess: a device assert is fatal to the CUDA context), and the
+    assert_inputs_kernel (in a subprocess: a device assert is fatal to the CUDA context), and the
     same x without it runs. (The CPU kernel raises a RuntimeError: test_op_errors.py.)"""
     code = textwrap.dedent(
         f"""

@@ -54,11 +54,18 @@ def call_op(args: dict[str, Any]) -> object:
     if args["stream"] is None:  # the wrapper's default
         x = args["x"]
         args["stream"] = torch.arange(x.shape[0] if x.dim() > 0 else 0)
-    return OP(*args.values())
+    per_image = None
+    if isinstance(args["sigma"], torch.Tensor):  # the wrapper's mapping of a tensor sigma
+        args["sigma"], per_image = [], args["sigma"]
+    return OP(*args.values(), per_image)
 
 
 # (case, replaced arguments, message after "noisy_views: "): the op's checks, one or more cases
 # each, in the order the op runs them.
+SIGMA_T = r"sigma as a tensor \(sigma_per_image\)"
+SHAPES = r"shape \(N,\) = \(2,\) or \(N, P\) = \(2, 2\), got "
+SIGMA_DTYPE = SIGMA_T + r" must be float32 or float64, got "
+SIGMA_VALUE = r"sigma must be finite and > 0 in float32, got "
 OP_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("x rank 3", {"x": X[0]}, r"x must have shape \(N, C, H, W\), got 3 dimensions"),
     ("x rank 5", {"x": X[None]}, r"x must have shape \(N, C, H, W\), got 5 dimensions"),
@@ -98,6 +105,26 @@ OP_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("sigma +Inf", {"sigma": [float("inf")]}, r"sigma must be finite and > 0 .*got inf"),
     ("sigma float32 overflow", {"sigma": [1e39]}, r"sigma must be finite .*in float32, got 1e\+39"),
     ("sigma float32 underflow", {"sigma": [1e-46]}, r"sigma must be .*> 0 in float32, got 1e-46"),
+    # sigma as a tensor (the op's sigma_per_image): (N,) or (N, P), float32 or float64.
+    (
+        "sigma tensor (N+1,)",
+        {"sigma": torch.full((3,), 0.5)},
+        rf"{SIGMA_T} must have {SHAPES}\[3\]",
+    ),
+    ("sigma tensor (P,)", {"sigma": torch.full((2,), 0.5), "x": X[:1]}, r"sigma as .*got \[2\]"),
+    ("sigma tensor (N, 3)", {"sigma": torch.full((2, 3), 0.5)}, rf"{SIGMA_T} .*got \[2, 3\]"),
+    ("sigma tensor (N, 1), diag", {"sigma": torch.full((2, 1), 0.5)}, rf"{SIGMA_T} .*\[2, 1\]"),
+    (
+        "sigma tensor (N, 2), none",
+        {"sigma": torch.full((2, 2), 0.5), "partition": "none"},
+        rf"{SIGMA_T} must have shape \(N,\) = \(2,\) or \(N, P\) = \(2, 1\), got \[2, 2\]",
+    ),
+    ("sigma tensor 3-D", {"sigma": torch.full((2, 2, 1), 0.5)}, rf"{SIGMA_T} .*\[2, 2, 1\]"),
+    ("sigma tensor int64", {"sigma": torch.ones(2, dtype=torch.int64)}, rf"{SIGMA_DTYPE}Long"),
+    ("sigma tensor int32", {"sigma": torch.ones(2, dtype=torch.int32)}, rf"{SIGMA_DTYPE}Int"),
+    ("sigma tensor bool", {"sigma": torch.ones(2, dtype=torch.bool)}, rf"{SIGMA_DTYPE}Bool"),
+    ("sigma tensor float16", {"sigma": torch.ones(2).half()}, rf"{SIGMA_DTYPE}Half"),
+    ("sigma tensor bfloat16", {"sigma": torch.ones(2).bfloat16()}, rf"{SIGMA_DTYPE}BFloat16"),
     ("num 0", {"num": 0}, r"num must be >= 1, got 0"),
     ("num -3", {"num": -3}, r"num must be >= 1, got -3"),
     ("seed -1", {"seed": -1}, r"seed must be >= 0 \(and < 2\^63\), got -1"),
@@ -153,6 +180,24 @@ OP_CASES: list[tuple[str, dict[str, Any], str]] = [
         "x NaN in a pixel of the other branch only",  # (0, 1) belongs to branch 1 alone
         {"x": with_value((0, 0, 0, 1), float("nan")), "sigma": [0.5]},
         r"x must be finite",
+    ),
+    ("sigma tensor 0", {"sigma": torch.tensor([0.5, 0.0])}, rf"{SIGMA_VALUE}0 for image 1$"),
+    (
+        "sigma tensor < 0, (N, P)",
+        {"sigma": torch.tensor([[0.5, -0.5], [1.0, 1.0]])},
+        rf"{SIGMA_VALUE}-0.5 for image 0, branch 1$",
+    ),
+    ("sigma tensor NaN", {"sigma": torch.tensor([float("nan"), 1.0])}, rf"{SIGMA_VALUE}nan for"),
+    ("sigma tensor -Inf", {"sigma": torch.tensor([1.0, -float("inf")])}, rf"{SIGMA_VALUE}-inf"),
+    (
+        "sigma tensor float64 underflow",
+        {"sigma": torch.tensor([1e-50, 1.0], dtype=torch.float64)},
+        rf"{SIGMA_VALUE}1e-50 for image 0$",
+    ),
+    (
+        "sigma tensor float64 overflow",
+        {"sigma": torch.tensor([[1.0, 1.0], [1.0, 1e39]], dtype=torch.float64)},
+        rf"{SIGMA_VALUE}1e\+39 for image 1, branch 1$",
     ),
     (
         "stream -1",
@@ -238,13 +283,6 @@ def test_the_wrapper_passes_any_int_the_op_accepts() -> None:
     assert out.shape == (2, 2, 1, 3, 4, 6)
     out = drs_ext.noisy_views(X, 0.5, num=3, seed=2**63 - 1, offset=2**56 - 3)
     assert out.shape == (2, 2, 3, 3, 4, 6) and bool(torch.isfinite(out).all())
-
-
-def test_sigma_may_be_a_tensor() -> None:
-    out = drs_ext.noisy_views(X, torch.tensor([0.5, 0.25]), num=1, seed=0)
-    assert torch.equal(out, drs_ext.noisy_views(X, [0.5, 0.25], num=1, seed=0))
-    with pytest.raises(RuntimeError, match=r"^noisy_views: sigma must be finite and > 0"):
-        drs_ext.noisy_views(X, torch.tensor(0.0), num=1, seed=0)
 
 
 def test_odd_width_is_fine_without_the_diagonal_partition() -> None:

@@ -43,6 +43,24 @@ def test_one_set_of_keywords_for_both(kwargs: dict[str, Any]) -> None:
     torch.testing.assert_close(got, ref, **tol)
 
 
+def test_the_oracle_takes_every_sigma_form() -> None:
+    """σ per image in the oracle: image n of an (N,) or (N, P) call is image n alone with its σ
+    as a float or a per-branch list; a 0-d tensor is one σ for all. Each σ is rounded to
+    float32, as the op rounds it."""
+    x = torch.rand(3, 1, 2, 4, generator=torch.Generator().manual_seed(3))
+    kw: dict[str, Any] = {"num": 2, "seed": 5, "stream": torch.tensor([4, 0, 9])}
+    table = torch.tensor([[0.1, 0.7], [1.3, 0.2], [0.4, 0.4]], dtype=torch.float64)
+    for sigma in (table[:, 0], table):
+        batch = reference.noisy_views(x, sigma, **kw)
+        for n in range(3):
+            alone = sigma[n].tolist() if sigma.dim() == 2 else float(sigma[n])
+            kw_n = {**kw, "stream": kw["stream"][n : n + 1]}
+            assert torch.equal(batch[n : n + 1], reference.noisy_views(x[n : n + 1], alone, **kw_n))
+    scalar = reference.noisy_views(x, 0.3, **kw)
+    assert torch.equal(reference.noisy_views(x, torch.tensor(0.3), **kw), scalar)
+    assert torch.equal(reference.noisy_views(x, [0.3, 0.3], **kw), scalar)
+
+
 def test_unknown_partition_is_an_error_not_a_layout() -> None:
     with pytest.raises(ValueError, match=r"partition must be 'diag' or 'none', got 'Diag'"):
         reference.noisy_views(torch.rand(1, 1, 2, 2), 0.5, num=1, seed=0, partition="Diag")

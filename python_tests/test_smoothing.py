@@ -5,6 +5,9 @@ test_soundness.py; the model-call options: test_model_call_options.py."""
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -123,7 +126,7 @@ def test_abstains_when_the_model_is_split(image: torch.Tensor) -> None:
     ("call", "match"),
     [
         (lambda s, x: s.certify(x[0], 10, 10, 0.1, 10), "x must be one image"),
-        (lambda s, x: s.certify(x.double(), 10, 10, 0.1, 10), "x must be float32"),
+        (lambda s, x: s.certify(x.to(torch.uint8), 10, 10, 0.1, 10), "floating-point image"),
         (lambda s, x: s.certify(x * float("nan"), 10, 10, 0.1, 10), "finite"),
         (lambda s, x: s.certify(x, 0, 10, 0.1, 10), "n0 must be an integer >= 1"),
         (lambda s, x: s.certify(x, 10, 0, 0.1, 10), "n must be an integer >= 1"),
@@ -151,3 +154,105 @@ def test_bad_constructor_arguments() -> None:
         SmoothedClassifier(model, 0, 0.5)
     with pytest.raises(TypeError, match="nn.Module"):
         SmoothedClassifier([], K, 0.5)
+
+
+# -- issue 66: NaN-only models, wrong output shapes, NumPy scalars, default seeds, float64 -------
+
+
+class AllNaN(nn.Module):
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return torch.full((views.shape[0], K), float("nan"), device=views.device)
+
+
+@pytest.mark.parametrize("dual", [False, True])
+def test_all_nan_logits_abstain(image: torch.Tensor, dual: bool) -> None:
+    smoothed = DualSmoothedClassifier(AllNaN(), AllNaN(), K, 0.5) if dual else None
+    smoothed = smoothed or SmoothedClassifier(AllNaN(), K, 0.5)
+    with pytest.warns(RuntimeWarning, match="NaN logits"):
+        assert smoothed.predict(image, 50, 0.01, 16, seed=0) == smoothed.ABSTAIN
+    with pytest.warns(RuntimeWarning, match="NaN logits"):
+        assert smoothed.certify(image, 10, 50, 0.01, 16, seed=0) == (smoothed.ABSTAIN, 0.0)
+
+
+class Reshaped(nn.Module):
+    """A linear model whose output has `rows` times as many rows and `extra` more columns."""
+
+    def __init__(self, rows: float, extra: int = 0) -> None:
+        super().__init__()
+        self.model, self.rows, self.extra = linear_model(0), rows, extra
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        out = self.model.to(views.device)(views)
+        out = torch.cat([out, torch.zeros(out.shape[0], self.extra, device=out.device)], dim=1)
+        return torch.cat([out, out])[: int(self.rows * out.shape[0])]
+
+
+@pytest.mark.parametrize(
+    ("shape", "got"), [((2, 0), "(20, 4)"), ((0.5, 0), "(5, 4)"), ((1, 1), "(10, 5)")]
+)
+def test_model_output_of_the_wrong_shape_is_refused(image, shape, got) -> None:
+    """More rows than views would count as extra votes; fewer or other columns are refused too,
+    with the shape the model returned and the one expected."""
+    model = Reshaped(*shape)
+    smoothed = SmoothedClassifier(model, K, 0.5)
+    expected = rf"returned logits of shape {re.escape(got)} for 10 views; expected \(10, 4\)"
+    with pytest.raises(ValueError, match=expected):
+        smoothed.predict(image, 10, 0.01, 10, seed=0)
+    with pytest.raises(ValueError, match=r"branch 1 returned logits of shape"):
+        DualSmoothedClassifier(linear_model(0), model, K, 0.5).certify(image, 10, 10, 0.1, 10)
+
+
+def test_numpy_scalars_are_accepted_where_python_numbers_are(image: torch.Tensor) -> None:
+    model = linear_model(2, image.device)
+    alpha = np.float32(0.01)
+    plain = SmoothedClassifier(model, K, 0.5).certify(image, 10, 100, float(alpha), 64, seed=3)
+    numpy = SmoothedClassifier(model, np.int64(K), np.float32(0.5)).certify(
+        image, np.int64(10), np.int64(100), alpha, np.int64(64), seed=np.int64(3)
+    )
+    assert numpy == plain and numpy[1] > 0
+    pair = DualSmoothedClassifier(model, model, K, np.array([0.5, 0.25], dtype=np.float32))
+    assert pair.sigmas == [0.5, 0.25]
+    assert DualSmoothedClassifier(model, model, K, np.float64(0.5)).sigmas == [0.5, 0.5]
+    assert pair.predict(image, 50, np.float64(0.01), 64, seed=0) in (*range(K), pair.ABSTAIN)
+
+
+def test_fill_and_bool_sigma_are_checked_at_construction() -> None:
+    model = linear_model(0)
+    with pytest.raises(ValueError, match=r"fill must be one of \['neighbors'.*got 'bogus'"):
+        DualSmoothedClassifier(model, model, K, 0.5, fill="bogus")
+    with pytest.raises(ValueError, match="sigma must be a float > 0, got True"):
+        SmoothedClassifier(model, K, True)
+
+
+def test_default_seed_comes_from_torchs_generator(image: torch.Tensor) -> None:
+    """seed=None: fresh noise on every call (Cohen et al.'s behaviour), drawn from torch's
+    default generator, so torch.manual_seed repeats a sequence of calls; explicit seeds stay
+    reproducible whatever the generator's state."""
+    smoothed = SmoothedClassifier(linear_model(9, image.device), K, 2.0)
+
+    def calls() -> list:
+        return [smoothed.certify(image, 10, 200, 0.01, 100) for _ in range(4)]
+
+    torch.manual_seed(11)
+    first = calls()
+    torch.manual_seed(11)
+    assert calls() == first
+    assert len(set(first)) > 1  # the four calls drew different noise
+    torch.manual_seed(11)
+    drawn = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    assert smoothed.certify(image, 10, 200, 0.01, 100, seed=drawn) == first[0]
+    torch.manual_seed(11)
+    explicit = smoothed.predict(image, 200, 0.01, 100, seed=5)
+    torch.manual_seed(12)
+    assert smoothed.predict(image, 200, 0.01, 100, seed=5) == explicit
+
+
+def test_float64_images_are_converted_to_float32(image: torch.Tensor) -> None:
+    smoothed = DualSmoothedClassifier(linear_model(4, image.device), linear_model(5), K, 1.0)
+    smoothed.branches[1].to(image.device)
+    as_float32 = smoothed.certify(image, 10, 200, 0.01, 64, seed=2)
+    # A float64 image within half a float32 ulp of `image` rounds to it: the same noisy views.
+    nudged = image.double() + 1e-12
+    assert smoothed.certify(nudged, 10, 200, 0.01, 64, seed=2) == as_float32
+    counts = smoothed.sample_counts(image, [100, 100], 64, seed=2, stream=0, offset=0)
+    assert counts.sum() == 200

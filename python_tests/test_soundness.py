@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import RandomVoter, binomial_ceiling
 from scipy.stats import norm
 from torch import nn
 
@@ -29,24 +30,6 @@ from drs_ext import DualSmoothedClassifier, SmoothedClassifier, stats
 ALPHA = 0.1
 REPS = 300
 IMAGE = torch.zeros(1, 2, 2)  # the classifiers ignore their input
-
-
-class RandomVoter(nn.Module):
-    """Votes for class c with probability probs[c], independently for every view."""
-
-    def __init__(self, probs: list[float], seed: int) -> None:
-        super().__init__()
-        self.probs = torch.tensor(probs, dtype=torch.float64)
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
-        votes = torch.multinomial(self.probs, views.shape[0], replacement=True, generator=self.gen)
-        return nn.functional.one_hot(votes, self.probs.numel()).float()
-
-
-def binomial_ceiling(rate: float, reps: int) -> float:
-    """rate plus 3 binomial standard errors: the tolerance of an observed frequency."""
-    return rate + 3.0 * math.sqrt(rate * (1.0 - rate) / reps)
 
 
 def rs_false_rate(p_a: float, sigma: float, n: int) -> float:

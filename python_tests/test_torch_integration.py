@@ -28,6 +28,26 @@ def test_opcheck_noisy_views(
     torch.library.opcheck(torch.ops.drs_ext.noisy_views.default, args)
 
 
+@pytest.mark.parametrize("partition", ["diag", "none"])
+def test_opcheck_noisy_views_with_sigma_per_image(device: torch.device, partition: str) -> None:
+    """The tensor form of sigma (the op's sigma_per_image): (N,) and (N, P), float32 and float64,
+    with x and sigma requiring grad (the backward of both traced)."""
+    x = random_images((2, 3, 4, 6), seed=19).to(device)
+    stream = torch.tensor([3, 8], device=device)
+    p = 2 if partition == "diag" else 1
+    forms = [
+        torch.tensor([0.5, 1.25], device=device),
+        torch.tensor([[0.5, 0.25], [1.0, 2.0]], dtype=torch.float64, device=device)[:, :p],
+    ]
+    op = torch.ops.drs_ext.noisy_views.default
+    for sigma in forms:
+        args = (x, [], 3, 7, 0, stream, partition, "bilinear", None, sigma)
+        torch.library.opcheck(op, args)
+        grads = (x.clone().requires_grad_(), sigma.clone().requires_grad_())
+        args = (grads[0], [], 3, 7, 0, stream, partition, "bilinear", None, grads[1])
+        torch.library.opcheck(op, args)
+
+
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
 )
@@ -41,26 +61,36 @@ def test_opcheck_vote_counts(device: torch.device, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("with_stream", [False, True])
-def test_public_call_compiles_as_one_graph(device: torch.device, with_stream: bool) -> None:
+@pytest.mark.parametrize("sigma_form", ["list", "(N,)", "(N, P)", "0-d"])
+def test_public_call_compiles_as_one_graph(
+    device: torch.device, with_stream: bool, sigma_form: str
+) -> None:
     """drs_ext.noisy_views under torch.compile(fullgraph=True): no check of the wrapper reads
-    tensor data (which would break the graph), and the compiled views and gradient equal the
-    eager ones."""
+    tensor data (which would break the graph), and the compiled views and gradients (in x, and
+    in a tensor sigma) equal the eager ones."""
     x = random_images((2, 3, 4, 6), seed=20).to(device)
     stream = torch.tensor([3, 8], device=device) if with_stream else None
+    sigma = {
+        "list": [0.5, 0.25],
+        "(N,)": torch.tensor([0.5, 0.25], device=device),
+        "(N, P)": torch.tensor([[0.5, 0.25], [1.0, 0.125]], device=device),
+        "0-d": torch.tensor(0.5, device=device),
+    }[sigma_form]
 
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        views = drs_ext.noisy_views(x, [0.5, 0.25], num=3, seed=7, offset=2, stream=stream)
+    def loss(x: torch.Tensor, sigma: list[float] | torch.Tensor) -> torch.Tensor:
+        views = drs_ext.noisy_views(x, sigma, num=3, seed=7, offset=2, stream=stream)
         return (views * views).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    grads = []
+    results = []
     for fn in (loss, compiled):
         xg = x.clone().requires_grad_()
-        value = fn(xg)
+        sg = sigma.clone().requires_grad_() if isinstance(sigma, torch.Tensor) else sigma
+        value = fn(xg, sg)
         value.backward()
-        grads.append((value.detach(), xg.grad))
-    assert torch.equal(grads[0][0], grads[1][0])
-    assert torch.equal(grads[0][1], grads[1][1])
+        results.append((value.detach(), xg.grad, getattr(sg, "grad", None)))
+    for eager, traced in zip(*results, strict=True):
+        assert (eager is None and traced is None) or torch.equal(eager, traced)
 
 
 def test_fake_impl_shapes() -> None:
@@ -76,20 +106,28 @@ def test_fake_impl_shapes() -> None:
                 )
                 assert out.shape == (3, p, 5, 2, 4, 6)
                 assert out.dtype == (dtype or torch.float32)
+            sigma = torch.empty(3, p, dtype=torch.float64)
+            out = torch.ops.drs_ext.noisy_views(
+                x, [], 5, 1, 0, stream, partition, "pair", None, sigma
+            )
+            assert out.shape == (3, p, 5, 2, 4, 6) and out.dtype == torch.float32
         counts = torch.ops.drs_ext.vote_counts(torch.empty(4, 9, 7))
         assert counts.shape == (4, 7) and counts.dtype == torch.int64
 
 
 @requires_cuda
-def test_cuda_graph_replay_equals_eager() -> None:
+@pytest.mark.parametrize("sigma_form", ["float", "(N,) float64"])
+def test_cuda_graph_replay_equals_eager(sigma_form: str) -> None:
     """noisy_views + a "model" + vote_counts captured in a CUDA graph: no host synchronisation
-    or allocation outside the graph's pool, and a replay gives the eager result."""
+    or allocation outside the graph's pool, and a replay gives the eager result (also with σ
+    per image, which the op converts to float32 and checks on the device)."""
     x = random_images((2, 3, 8, 10), seed=8).cuda()
     stream = torch.tensor([4, 9], device="cuda")
     classes, num = 7, 64
+    sigma = 0.5 if sigma_form == "float" else torch.tensor([0.5, 1.5]).double().cuda()
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
-        out = drs_ext.noisy_views(x, 0.5, num=num, seed=11, offset=3, stream=stream)
+        out = drs_ext.noisy_views(x, sigma, num=num, seed=11, offset=3, stream=stream)
         logits = out.flatten(3)[..., :classes]  # (N, P, num, K): a view, not contiguous
         return out, drs_ext.vote_counts(logits.reshape(-1, num, classes))
 

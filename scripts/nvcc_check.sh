@@ -116,7 +116,7 @@ ptx_files = sorted(Path(sys.argv[1]).glob("*.ptx"))
 bad, kernels = [], 0
 for ptx in ptx_files:
     text = ptx.read_text()
-    # The views kernels, not assert_finite_kernel (whose mangled name holds the file's name).
+    # The views kernels, not assert_inputs_kernel (whose mangled name holds the file's name).
     for m in re.finditer(r"\.entry\s+(\S*noisy_views_(?:diag|none)_kernel\S*)\(", text):
         body = text[m.end() : text.find("\n}", m.end())]
         kernels += 1

@@ -1,6 +1,7 @@
-// noisy_views on the CPU: out[n, p, s] = fill_p(sub_p(x[n]) + sigma_p * eps(seed, stream[n], p,
-// offset + s)), for every image n, branch p and sample s, in one pass. Each task owns one
-// (n, p, s) plane. One vectorised loop draws the plane's Philox normals and adds them to the packed
+// noisy_views on the CPU: out[n, p, s] = fill_p(sub_p(x[n]) + sigma_{n,p} * eps(seed, stream[n],
+// p, offset + s)), for every image n, branch p and sample s, in one pass (sigma_{n,p} = sigma_p
+// unless sigma is given per image, read once per plane). Each task owns one (n, p, s) plane. One
+// vectorised loop draws the plane's Philox normals and adds them to the packed
 // sub-image of x (packed once per (n, p), not per sample); partition "none" writes that straight
 // into the output, "diag" writes it to a scratch plane (L1/L2-sized) that the fill expands to full
 // resolution.
@@ -14,7 +15,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -135,16 +138,16 @@ struct Scratch {
   std::vector<float> packed, noisy;
 };
 
-// One (n, p, s) plane.
+// One (n, p, s) plane, its noise scaled by `sigma`.
 template <typename out_t>
 void write_plane(const NoisyViewsArgs& args, const Geometry& geo, const float* image,
-                 uint32_t stream, int64_t image_branch, uint64_t sample, Scratch& scratch,
-                 out_t* out) {
+                 uint32_t stream, float sigma, int64_t image_branch, uint64_t sample,
+                 Scratch& scratch, out_t* out) {
   const int branch = static_cast<int>(image_branch % args.branches);
   const int64_t m = geo.channels * geo.height * geo.sub_width;
   const auto noise = [&](const float* base, float* dst) {
-    add_noise(args.key0, args.key1, sample, static_cast<uint32_t>(branch), stream,
-              args.sigma[branch], base, m, dst);
+    add_noise(args.key0, args.key1, sample, static_cast<uint32_t>(branch), stream, sigma, base,
+              m, dst);
   };
   if (args.partition == drs::Partition::kNone) {
     if constexpr (std::is_same_v<out_t, float>) {
@@ -163,12 +166,28 @@ void write_plane(const NoisyViewsArgs& args, const Geometry& geo, const float* i
   fill_plane(geo, args.fill, branch, scratch.noisy.data(), out);
 }
 
+// Every value of a per-image sigma (given: the argument; values: args.sigma_image, its float32
+// (N, P) values) must be finite and > 0 in float32; the error quotes the value as given.
+void check_sigma_values(const at::Tensor& given, const at::Tensor& values) {
+  const auto v = values.accessor<float, 2>();
+  for (int64_t n = 0; n < values.size(0); ++n) {
+    for (int64_t p = 0; p < values.size(1); ++p) {
+      if (std::isfinite(v[n][p]) && v[n][p] > 0.0f) continue;
+      const double bad = (given.dim() == 1 ? given[n] : given[n][p]).item<double>();
+      TORCH_CHECK(false, "noisy_views: sigma must be finite and > 0 in float32, got ", bad,
+                  " for image ", n,
+                  given.dim() == 1 ? std::string() : ", branch " + std::to_string(p));
+    }
+  }
+}
+
 at::Tensor noisy_views_cpu(const at::Tensor& x, at::ArrayRef<double> sigma, int64_t num,
                            int64_t seed, int64_t offset, const at::Tensor& stream,
                            c10::string_view partition, c10::string_view fill,
-                           std::optional<at::ScalarType> out_dtype) {
-  const NoisyViewsArgs args =
-      check_noisy_views_args(x, sigma, num, seed, offset, stream, partition, fill, out_dtype);
+                           std::optional<at::ScalarType> out_dtype,
+                           const std::optional<at::Tensor>& sigma_per_image) {
+  const NoisyViewsArgs args = check_noisy_views_args(x, sigma, num, seed, offset, stream,
+                                                     partition, fill, out_dtype, sigma_per_image);
   TORCH_CHECK(x.device().is_cpu(), "noisy_views (CPU kernel): x must be a CPU tensor, got ",
               x.device());
   TORCH_CHECK(at::isfinite(x).all().item<bool>(),
@@ -182,6 +201,12 @@ at::Tensor noisy_views_cpu(const at::Tensor& x, at::ArrayRef<double> sigma, int6
                 "noisy_views: stream ids must lie in [0, 2^32), got ", stream_ptr[n],
                 " for image ", n);
   }
+  // sigma of (image n, branch p): the list's, or the tensor's at n * stride_n + p * stride_p.
+  const bool per_image = args.sigma_image.defined();
+  const float* sigma_ptr = per_image ? args.sigma_image.data_ptr<float>() : args.sigma.data();
+  const int64_t sigma_stride_n = per_image ? args.sigma_image.stride(0) : 0;
+  const int64_t sigma_stride_p = per_image ? args.sigma_image.stride(1) : 1;
+  if (per_image) check_sigma_values(*sigma_per_image, args.sigma_image);
   const Geometry geo{x.size(1), x.size(2), x.size(3), drs::sub_width(args.partition, x.size(3))};
   const int64_t plane = geo.channels * geo.height * geo.width;
   const int64_t m = geo.channels * geo.height * geo.sub_width;
@@ -202,9 +227,10 @@ at::Tensor noisy_views_cpu(const at::Tensor& x, at::ArrayRef<double> sigma, int6
             const int64_t s = task % num;
             const int64_t image_branch = task / num;  // n * branches + p
             const int64_t n = image_branch / args.branches;
+            const int64_t p = image_branch - n * args.branches;
             write_plane(args, geo, x_ptr + n * plane, static_cast<uint32_t>(stream_ptr[n]),
-                        image_branch, static_cast<uint64_t>(offset + s), scratch,
-                        out_ptr + task * plane);
+                        sigma_ptr[n * sigma_stride_n + p * sigma_stride_p], image_branch,
+                        static_cast<uint64_t>(offset + s), scratch, out_ptr + task * plane);
           }
         });
       }),

@@ -22,7 +22,8 @@
 
 namespace drs_ext {
 
-// The noise of one (n, p, s) plane: eps(seed = key, stream, branch p, sample s) scaled by sigma_p.
+// The noise of one (n, p, s) plane: eps(seed = key, stream, branch p, sample s) scaled by the
+// sigma of (n, p).
 struct Draw {
   const drs::PhiloxKeys* keys;  // the seed's round keys: Common::keys of the launch
   uint64_t sample;
@@ -35,7 +36,9 @@ struct Common {
   const float* x;          // (N, C, H, W), contiguous
   const int64_t* stream;   // (N,)
   drs::PhiloxKeys keys;    // round keys of the seed
-  float sigma[2];          // per branch
+  float sigma[2];          // per branch, unless sigma_image is set
+  const float* sigma_image;  // or per image: sigma of (n, p) at n * stride_n + p * stride_p
+  int64_t sigma_stride_n, sigma_stride_p;
   uint64_t offset;         // index of sample 0
   int64_t num;             // samples per (image, branch)
   int64_t branches;
@@ -45,10 +48,14 @@ struct Common {
 
 inline Common make_common(const NoisyViewsArgs& args, const float* x, const int64_t* stream,
                           int64_t images, int32_t plane_size, int64_t num, int64_t offset) {
+  const bool per_image = args.sigma_image.defined();
   return Common{x,
                 stream,
                 drs::philox_keys(args.key0, args.key1),
                 {args.sigma[0], args.sigma[1]},
+                per_image ? args.sigma_image.data_ptr<float>() : nullptr,
+                per_image ? args.sigma_image.stride(0) : 0,
+                per_image ? args.sigma_image.stride(1) : 0,
                 static_cast<uint64_t>(offset),
                 num,
                 args.branches,
@@ -62,7 +69,8 @@ struct Plane {
   Draw draw;
 };
 
-// Plane (row, s) of the output, row = image * branches + branch: its image and its noise.
+// Plane (row, s) of the output, row = image * branches + branch: its image and its noise. The
+// kernels locate a plane once per chunk of samples, so a per-image sigma costs one load per chunk.
 DRS_HOST_DEVICE Plane locate(const Common& c, int64_t row, int64_t s) {
   const int64_t image = row / c.branches;
   const int branch = static_cast<int>(row - image * c.branches);
@@ -73,7 +81,9 @@ DRS_HOST_DEVICE Plane locate(const Common& c, int64_t row, int64_t s) {
                c.offset + static_cast<uint64_t>(s),
                static_cast<uint32_t>(branch),
                static_cast<uint32_t>(id),
-               branch == 0 ? c.sigma[0] : c.sigma[1]};
+               c.sigma_image != nullptr
+                   ? c.sigma_image[image * c.sigma_stride_n + branch * c.sigma_stride_p]
+                   : (branch == 0 ? c.sigma[0] : c.sigma[1])};
   return Plane{image, branch, d};
 }
 

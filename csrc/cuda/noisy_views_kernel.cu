@@ -1,6 +1,6 @@
 // noisy_views on CUDA, the same function as csrc/cpu/noisy_views_kernel.cpp:
-// out[n, p, s] = fill_p(sub_p(x[n]) + sigma_p * eps(seed, stream[n], p, offset + s)), in one pass
-// that reads x (an L2-resident image) and writes each output element once.
+// out[n, p, s] = fill_p(sub_p(x[n]) + sigma_{n,p} * eps(seed, stream[n], p, offset + s)), in one
+// pass that reads x (an L2-resident image) and writes each output element once.
 //
 // partition "none": a block takes a chunk of consecutive samples of one (image, branch); a thread
 // takes one Philox element group of the chunk's planes and, for each sample, draws 4 normals
@@ -14,9 +14,10 @@
 // 16 bytes per store where aligned (diag::run_tile).
 // Index math inside a plane is 32-bit (checked below), plane offsets are 64-bit.
 //
-// x must be finite; checking that on the host would cost a synchronisation, so a small kernel
-// checks it on the device first (assert_finite_kernel): a NaN or Inf stops it with a device-side
-// assertion, as stream ids outside [0, 2^32) stop the views kernels.
+// x must be finite, and a per-image sigma finite and > 0; checking that on the host would cost a
+// synchronisation, so a small kernel checks both on the device first (assert_inputs_kernel): a
+// bad value stops it with a device-side assertion, as stream ids outside [0, 2^32) stop the views
+// kernels.
 #include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -43,28 +44,50 @@ constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 
 // ---------------------------------------------------------------------------------------------
-// x must be finite: checked by a kernel of its own, on the views kernel's stream before it. It
-// reads x once (an image is L2-sized: a few microseconds). Checking inside the views kernels, in
-// the planes of sample 0, cost the diag kernels 6 to 12 registers per thread (a block fewer per
-// multiprocessor for some fills); asserting costs a launch from C++, not the three launches of
-// an isfinite/all/_assert_async check from Python (40 to 60 us of host time per call on an
-// H100 host, measured).
+// x must be finite, and sigma per image finite and > 0: checked by a kernel of its own, on the
+// views kernel's stream before it. It reads x once (an image is L2-sized: a few microseconds).
+// Checking inside the views kernels, in the planes of sample 0, cost the diag kernels 6 to 12
+// registers per thread (a block fewer per multiprocessor for some fills); asserting costs a
+// launch from C++, not the three launches of an isfinite/all/_assert_async check from Python (40
+// to 60 us of host time per call on an H100 host, measured).
+
+// sigma of (n, p) = sigma[n * stride_n + p * stride_p] for n < images and p < branches, or none
+// (sigma null, images 0).
+struct SigmaImage {
+  const float* sigma;
+  int64_t images, branches, stride_n, stride_p;
+};
 
 __global__ void __launch_bounds__(kThreads)
-    assert_finite_kernel(const float* __restrict__ x, int64_t numel) {
+    assert_inputs_kernel(const float* __restrict__ x, int64_t numel, SigmaImage s) {
+  const int64_t first = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   bool finite = true;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < numel;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    finite = finite && isfinite(x[i]);
-  }
+  for (int64_t i = first; i < numel; i += stride) finite = finite && isfinite(x[i]);
   CUDA_KERNEL_ASSERT_MSG(finite, "noisy_views: x must be finite, found NaN or Inf in x");
+  bool positive = true;
+  for (int64_t i = first; i < s.images * s.branches; i += stride) {
+    const int64_t n = i / s.branches;
+    const float v = s.sigma[n * s.stride_n + (i - n * s.branches) * s.stride_p];
+    positive = positive && isfinite(v) && v > 0.0f;
+  }
+  CUDA_KERNEL_ASSERT_MSG(positive,
+                         "noisy_views: sigma must be finite and > 0 in float32, found a value "
+                         "in sigma_per_image that is not");
 }
 
-void launch_assert_finite(const at::Tensor& x, cudaStream_t stream) {
+void launch_assert_inputs(const at::Tensor& x, const at::Tensor& sigma_image,
+                          cudaStream_t stream) {
+  SigmaImage s{nullptr, 0, 0, 0, 0};
+  if (sigma_image.defined()) {
+    s = SigmaImage{sigma_image.data_ptr<float>(), sigma_image.size(0), sigma_image.size(1),
+                   sigma_image.stride(0), sigma_image.stride(1)};
+  }
   constexpr int64_t kMaxBlocks = 1024;  // a grid-stride loop: enough blocks to fill the device
-  const int64_t blocks = std::min((x.numel() + kThreads - 1) / kThreads, kMaxBlocks);
-  assert_finite_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      x.data_ptr<float>(), x.numel());
+  const int64_t work = std::max(x.numel(), s.images * s.branches);
+  const int64_t blocks = std::min((work + kThreads - 1) / kThreads, kMaxBlocks);
+  assert_inputs_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      x.data_ptr<float>(), x.numel(), s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -89,7 +112,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Blocks of a diag kernel per multiprocessor: four, which caps its registers at 64 per thread
 // (65536 / (4 * 256)); the windows of a chunk fit four blocks too (diag::kMaxWindowsBytes). Every
-// fill fits without spilling (57-64 registers with nvcc 13.0; scripts/nvcc_check.sh rejects a
+// fill fits without spilling (56-64 registers with nvcc 13.0; scripts/nvcc_check.sh rejects a
 // spill) because nothing wide stays live across the items: no division (drs::divide_by_count),
 // 32-bit indices in the pixel-by-pixel fill, and no loop over chunks (launch_diag). At three
 // blocks, where "neighbors" used 77 registers, 24 of the 64 warp slots were filled instead of 32.
@@ -112,9 +135,12 @@ __global__ void __launch_bounds__(kThreads, kDiagBlocksPerSm)
     noisy_views_diag_kernel(Common c, diag::Geometry geo, Chunks chunks, int64_t first_chunk,
                             out_t* __restrict__ out) {
   extern __shared__ float window[];
-  const diag::ChunkPlanes<out_t> planes =
-      diag::chunk_planes(c, chunks, first_chunk + blockIdx.x, out);
   for (int32_t tile = blockIdx.y; tile < geo.tiles; tile += gridDim.y) {
+    // Located per tile (a block runs one tile but for more than 65535 of them), so that what only
+    // phase 1 reads (the image, the draw and its sigma, a load with sigma per image) is not held
+    // through phase 2 for the next tile: "neighbors" at 64 registers has none to spare.
+    const diag::ChunkPlanes<out_t> planes =
+        diag::chunk_planes(c, chunks, first_chunk + blockIdx.x, out);
     diag::run_tile<kFill, out_t>(geo, tile, planes, window, BlockItems{});
   }
 }
@@ -183,9 +209,10 @@ void launch_none(const Common& c, int64_t num_groups, out_t* out, cudaStream_t s
 at::Tensor noisy_views_cuda(const at::Tensor& x, at::ArrayRef<double> sigma, int64_t num,
                             int64_t seed, int64_t offset, const at::Tensor& stream,
                             c10::string_view partition, c10::string_view fill,
-                            std::optional<at::ScalarType> out_dtype) {
-  const NoisyViewsArgs args =
-      check_noisy_views_args(x, sigma, num, seed, offset, stream, partition, fill, out_dtype);
+                            std::optional<at::ScalarType> out_dtype,
+                            const std::optional<at::Tensor>& sigma_per_image) {
+  const NoisyViewsArgs args = check_noisy_views_args(x, sigma, num, seed, offset, stream,
+                                                     partition, fill, out_dtype, sigma_per_image);
   TORCH_CHECK(x.is_cuda(), "noisy_views (CUDA kernel): x must be a CUDA tensor, got ",
               x.device());
   const int64_t images = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
@@ -203,7 +230,7 @@ at::Tensor noisy_views_cuda(const at::Tensor& x, at::ArrayRef<double> sigma, int
   const Common c = make_common(args, x_c.data_ptr<float>(), stream_c.data_ptr<int64_t>(), images,
                                 static_cast<int32_t>(plane_size), num, offset);
   const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
-  launch_assert_finite(x_c, cuda_stream);
+  launch_assert_inputs(x_c, args.sigma_image, cuda_stream);
   AT_DISPATCH_V2(
       args.out_dtype, "noisy_views_cuda", AT_WRAP([&] {
         scalar_t* out_ptr = out.data_ptr<scalar_t>();

@@ -1,13 +1,28 @@
-"""``drs certify``: certify a data set with RS (one checkpoint) or DRS (a branch pair).
+"""``drs certify``: certify a data set with RS (one checkpoint), DRS (a branch pair),
+σ-routing (``--estimator`` plus classifiers per level, drs_ext/cli/routed.py) or the σ-selector
+(``--selector`` plus the base classifier, drs_ext/cli/selected.py).
 
 Writes Cohen et al.'s TSV (drs_ext/io/results.py), one flushed row per image. Sharding:
 ``--shard K/N``, or torchrun's RANK / WORLD_SIZE, gives worker K every N-th of the selected
 images and the output file ``<out stem>.shard<K>of<N><suffix>``; ``drs merge`` joins them.
+The settings of the run go to ``<out>.settings.json`` (drs_ext/io/settings.py); ``--resume``
+refuses a file made with other settings.
+
+Under torchrun, put the command after ``--no-python --``, so torchrun's own parser never sees
+its flags (``--n`` would be an ambiguous prefix of ``--nnodes``/``--nproc-per-node``)::
+
+    torchrun --standalone --nproc_per_node=8 --no-python -- drs certify --data … --out drs.tsv
+
+Every flag also has a spelling that is no prefix of a torchrun option (``--N`` or
+``--num-samples`` for ``--n``, ``--max-index`` for ``--max``), for the form
+``torchrun … $(which drs) certify …``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -19,14 +34,27 @@ from tqdm.auto import tqdm
 from ..io.checkpoint import BranchSpec, check_drs_pair, check_sigma, load_branch
 from ..io.data import ImageDataset, load_dataset
 from ..io.results import TsvWriter
+from ..io.settings import now, run_settings
 from ..smoothing import BranchSmoothing, DualSmoothedClassifier, SmoothedClassifier
+from ..smoothing.sampling import MAX_DRAWS
+from ..train import UniversalSigma
 from .common import (
     add_common,
+    check_done,
     default_device,
     parse_shard,
     select_indices,
     shard_path,
     show_progress,
+)
+from .routed import ROUTED_FIELDS, build_router, certify_routed_images
+from .selected import (
+    SELECTOR_FIELDS,
+    add_selector_args,
+    build_selected,
+    certify_selected_images,
+    selector_method_args,
+    validate_selector,
 )
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,6 +69,21 @@ def model_call_options(args: argparse.Namespace) -> dict:
         "cuda_graph": args.cuda_graph,
         "prefetch_noise": not args.no_prefetch,
     }
+
+
+def certify_sigma(spec: BranchSpec, sigma: float | None, name: str) -> float:
+    """The σ to certify a checkpoint at: its own, or for a model trained with the universal
+    recipe (σ drawn per image over [sigma_min, sigma_max]) any --sigma in that range."""
+    recipe = spec.recipe or {}
+    if sigma is not None and recipe.get("name") == UniversalSigma.name:
+        low, high = recipe["sigma_min"], recipe["sigma_max"]
+        if not low <= sigma <= high:
+            raise ValueError(
+                f"--sigma {sigma:g} lies outside [{low:g}, {high:g}], the range of σ the "
+                f"{name} was trained on (universal recipe)"
+            )
+        return sigma
+    return check_sigma(spec, sigma, name)
 
 
 def build_smoothed(
@@ -60,7 +103,7 @@ def build_smoothed(
                 f"{path} is DRS branch {spec.branch}; certify DRS with both branch checkpoints "
                 "(--checkpoint branch0.pt branch1.pt)"
             )
-        rs_sigma = check_sigma(spec, sigma, path)
+        rs_sigma = certify_sigma(spec, sigma, path)
         return SmoothedClassifier(model, spec.num_classes, rs_sigma, **options), spec
     if len(loaded) != 2:
         raise ValueError(f"--checkpoint takes one (RS) or two (DRS) files, got {len(loaded)}")
@@ -68,9 +111,9 @@ def build_smoothed(
     order = check_drs_pair(s0, s1, names=(checkpoints[0], checkpoints[1]))
     models = [(m0, m1)[i] for i in order]
     spec = (s0, s1)[order[0]]
-    check_sigma(spec, sigma, "DRS checkpoints")
+    drs_sigma = certify_sigma(spec, sigma, "DRS checkpoints")
     smoothed = DualSmoothedClassifier(
-        models[0], models[1], spec.num_classes, spec.sigma, spec.fill, **options
+        models[0], models[1], spec.num_classes, drs_sigma, spec.fill, **options
     )
     return smoothed, spec
 
@@ -95,19 +138,7 @@ def certify_images(
     The noise stream of image i is i itself, so its certificate does not depend on the shard,
     the batch size or whether the run was resumed.
     """
-    done = [row.idx for row in writer.done]
-    if done != list(indices[: len(done)]):
-        raise ValueError(
-            f"{writer.path} holds rows for idx {done[:3]}... but this run selects "
-            f"{list(indices[:3])}...; it was written with other --skip/--max/--shard"
-        )
-    for row in writer.done:
-        if row.label != dataset[row.idx][1]:
-            raise ValueError(
-                f"{writer.path}: idx {row.idx} has label {row.label} but the data set says "
-                f"{dataset[row.idx][1]}; was it written for another --data?"
-            )
-    todo = list(indices[len(done) :])
+    todo = check_done(writer, dataset, indices)
     for i in tqdm(todo, desc=desc, disable=not progress, dynamic_ncols=True):
         x, label = dataset[i]
         start = time.perf_counter()
@@ -117,22 +148,101 @@ def certify_images(
         writer.write(i, label, prediction, radius, prediction == label, time.perf_counter() - start)
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Every argument checked before anything is loaded or any file touched."""
+    for flag, value, upper in (
+        ("--n0", args.n0, MAX_DRAWS),
+        ("--n", args.n, MAX_DRAWS),
+        ("--batch", args.batch, None),
+        ("--skip", args.skip, None),
+    ):
+        if value < 1 or (upper is not None and value > upper):
+            bound = f" and at most {upper}" if upper else ""
+            raise ValueError(f"{flag} must be an integer >= 1{bound}, got {value}")
+    if args.max == 0 or args.max < -1:
+        raise ValueError(
+            f"--max must be -1 (no limit) or an image index >= 1 to stop before, got {args.max}"
+        )
+    if not 0.0 < args.alpha < 1.0:
+        raise ValueError(f"--alpha must lie in the open interval (0, 1), got {args.alpha}")
+    if args.sigma is not None and not (math.isfinite(args.sigma) and args.sigma > 0):
+        raise ValueError(f"--sigma must be finite and > 0, got {args.sigma}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.estimator and args.sigma is not None:
+        raise ValueError("--sigma does not apply with --estimator: the levels come from it")
+    validate_selector(args)
+
+
 def run(args: argparse.Namespace) -> int:
+    validate(args)
     device = args.device or default_device()
-    smoothed, spec = build_smoothed(args.checkpoint, args.sigma, device, **model_call_options(args))
+    shard, shards = parse_shard(args.shard)
+    out = shard_path(Path(args.out), shard, shards)
+    if out.exists() and not (args.resume or args.overwrite):
+        raise FileExistsError(
+            f"{out} exists; pass --resume to continue it or --overwrite to replace it"
+        )
+    method_args, extra_fields = None, ()
+    if args.estimator:
+        smoothed, spec = build_router(
+            args.estimator, args.checkpoint, device, **model_call_options(args)
+        )
+        checkpoints, certify = [args.estimator, *args.checkpoint], certify_routed_images
+        extra_fields = ROUTED_FIELDS
+    elif args.selector:
+        smoothed, spec = build_selected(args, device, **model_call_options(args))
+        checkpoints = [args.selector, *args.checkpoint]
+        method_args, extra_fields = selector_method_args(args), SELECTOR_FIELDS
+        certify = functools.partial(certify_selected_images, lam=args.lam, n_h=args.n_selector)
+    else:
+        smoothed, spec = build_smoothed(
+            args.checkpoint, args.sigma, device, **model_call_options(args)
+        )
+        checkpoints, certify = list(args.checkpoint), certify_images
     dataset = load_dataset(args.data, args.split, download=args.download)
     if tuple(dataset.input_shape) != tuple(spec.input_shape):
         raise ValueError(
             f"data set images are {tuple(dataset.input_shape)} but the checkpoint expects "
             f"{tuple(spec.input_shape)}"
         )
-    shard, shards = parse_shard(args.shard)
     indices = select_indices(len(dataset), args.skip, args.max, shard, shards)
-    out = shard_path(Path(args.out), shard, shards)
-    with TsvWriter(out, resume=args.resume, overwrite=args.overwrite) as writer:
+    settings = run_settings(
+        smoothed,
+        checkpoints=checkpoints,
+        data=args.data,
+        split=args.split,
+        n0=args.n0,
+        n=args.n,
+        alpha=args.alpha,
+        seed=args.seed,
+        skip=args.skip,
+        max_index=args.max,
+        shard=shard,
+        shards=shards,
+        autocast=args.autocast,
+        method_args=method_args,
+    )
+    run_info = {
+        "checkpoints": [str(Path(c).resolve()) for c in checkpoints],
+        "selected": len(indices),
+        "images": len(dataset),
+        "batch": args.batch,
+        "device": device,
+        "started": now(),
+    }
+    writer = TsvWriter(
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        settings=settings,
+        run_info=run_info,
+        extra_fields=extra_fields,
+    )
+    with writer:
         if writer.dropped is not None:
             print(f"{out}: redoing the half-written last line {writer.dropped!r}", file=sys.stderr)
-        certify_images(
+        certify(
             smoothed,
             dataset,
             indices,
@@ -147,26 +257,47 @@ def run(args: argparse.Namespace) -> int:
             desc=f"certify {out.name}",
         )
         total = len(writer.done)
-    print(f"{out}: {total} rows ({spec.describe()}, shard {shard}/{shards})")
+    what = spec.describe()
+    if args.selector:
+        what = f"σ-selector at λ = {args.lam:g} over levels {args.levels}, classifier {what}"
+    print(f"{out}: {total} rows ({what}, shard {shard}/{shards})")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("certify", help="certify a data set with RS (1 checkpoint) or DRS (2)")
+    p = sub.add_parser(
+        "certify",
+        help="certify a data set with RS (1 checkpoint), DRS (2), σ-routing or the σ-selector",
+    )
     p.add_argument(
         "--data", required=True, help="digits | npz:FILE | folder:DIR | torchvision:NAME:ROOT"
     )
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--download", action="store_true", help="let torchvision download the data")
     p.add_argument("--checkpoint", nargs="+", required=True, help="RS model, or DRS branch 0 and 1")
-    p.add_argument("--sigma", type=float, help="must equal the checkpoints' σ (default: theirs)")
+    p.add_argument(
+        "--sigma",
+        type=float,
+        help="must equal the checkpoints' σ (default: theirs), or lie in a universal model's range",
+    )
+    p.add_argument(
+        "--estimator",
+        help="σ-routing: a σ-estimator checkpoint (drs train --sigma-estimator); --checkpoint "
+        "then gives one classifier per level (RS, or DRS pairs) or one for all levels",
+    )
+    add_selector_args(p)
     # --N0 / --N: the flag names of Cohen et al.'s certify.py.
+    # --num-samples / --max-index: spellings that are no prefix of a torchrun option.
     p.add_argument("--n0", "--N0", type=int, default=100, help="selection draws (default 100)")
-    p.add_argument("--n", "--N", type=int, default=100_000, help="estimation draws (100000)")
+    p.add_argument(
+        "--n", "--N", "--num-samples", type=int, default=100_000, help="estimation draws (100000)"
+    )
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (0.001)")
     p.add_argument("--batch", type=int, default=1000, help="noisy views per forward pass")
     p.add_argument("--skip", type=int, default=1, help="certify every skip-th image")
-    p.add_argument("--max", type=int, default=-1, help="stop before this image index")
+    p.add_argument(
+        "--max", "--max-index", type=int, default=-1, help="stop before this index (-1: none)"
+    )
     p.add_argument("--shard", help="K/N: this worker's share (default: torchrun RANK/WORLD_SIZE)")
     p.add_argument("--out", required=True, help="output TSV (Cohen et al.'s format)")
     speed = p.add_argument_group("model call (GPU speed; the noise and the counting are unchanged)")
@@ -182,6 +313,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted file")
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    mode.add_argument(
+        "--overwrite", action="store_true", help="replace an existing file (with the first row)"
+    )
     add_common(p)
     p.set_defaults(func=run)

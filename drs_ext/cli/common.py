@@ -6,12 +6,14 @@ import argparse
 import ast
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from .. import _C
+from ..io.data import ImageDataset
+from ..io.results import TsvWriter
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
@@ -20,7 +22,7 @@ def default_device() -> str:
     """cuda:LOCAL_RANK when a GPU and the CUDA kernels are both there, else cpu."""
     if torch.cuda.is_available():
         if _C.built_with_cuda:
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            return f"cuda:{_env_int(os.environ, 'LOCAL_RANK', 0) or 0}"
         print(
             "warning: a GPU is visible but drs_ext was built without CUDA kernels; using the "
             "CPU (rebuild with pip install --no-build-isolation -e . where nvcc is on PATH)",
@@ -35,18 +37,52 @@ def show_progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and sys.stderr.isatty()
 
 
-def parse_shard(text: str | None) -> tuple[int, int]:
+def parse_shard(text: str | None, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
     """``K/N`` from --shard, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    env = os.environ if environ is None else environ
+    world = _env_int(env, "WORLD_SIZE", 1)
+    if text is not None:
+        if world is not None and world > 1:
+            raise ValueError(
+                f"--shard {text} given under torchrun (WORLD_SIZE={world}): every process would "
+                "certify the same shard; drop --shard and let RANK/WORLD_SIZE pick each one's"
+            )
+        try:
+            k, n = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard must be K/N with integers, e.g. 0/4, got {text!r}") from None
+        if n < 1 or not 0 <= k < n:
+            raise ValueError(f"--shard K/N needs N >= 1 and 0 <= K < N, got {text!r}")
+        return k, n
+    rank = _env_int(env, "RANK", 0)
+    if rank is not None and world is None:
+        raise ValueError(
+            f"RANK={rank} is set but WORLD_SIZE is not; launch with torchrun (which sets both), "
+            "set both, or give --shard K/N"
+        )
+    if world is not None and world > 1 and rank is None:
+        raise ValueError(f"WORLD_SIZE={world} is set but RANK is not; set both or neither")
+    world, rank = world or 1, rank or 0
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE) = [0, {world})")
+    return rank, world
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int) -> int | None:
+    """An integer environment variable (None when unset), as torchrun sets it."""
+    text = env.get(name)
     if text is None:
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        return int(os.environ.get("RANK", 0)), world
+        return None
     try:
-        k, n = (int(part) for part in text.split("/"))
+        value = int(text)
     except ValueError:
-        raise ValueError(f"--shard must be K/N with integers, e.g. 0/4, got {text!r}") from None
-    if n < 1 or not 0 <= k < n:
-        raise ValueError(f"--shard K/N needs N >= 1 and 0 <= K < N, got {text!r}")
-    return k, n
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(
+            f"environment variable {name} must be an integer >= {minimum} (torchrun sets it), "
+            f"got {text!r}"
+        )
+    return value
 
 
 def shard_path(out: Path, shard: int, shards: int) -> Path:
@@ -87,3 +123,21 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-progress", action="store_true", help="hide progress bars (hidden off a terminal)"
     )
+
+
+def check_done(writer: TsvWriter, dataset: ImageDataset, indices: Sequence[int]) -> list[int]:
+    """The indices still to certify, after checking that the rows already in ``writer`` are the
+    first ones of this selection, with this data set's labels."""
+    done = [row.idx for row in writer.done]
+    if done != list(indices[: len(done)]):
+        raise ValueError(
+            f"{writer.path} holds rows for idx {done[:3]}... but this run selects "
+            f"{list(indices[:3])}...; it was written with other --skip/--max/--shard"
+        )
+    for row in writer.done:
+        if row.label != dataset[row.idx][1]:
+            raise ValueError(
+                f"{writer.path}: idx {row.idx} has label {row.label} but the data set says "
+                f"{dataset[row.idx][1]}; was it written for another --data?"
+            )
+    return list(indices[len(done) :])

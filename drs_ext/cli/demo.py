@@ -1,6 +1,11 @@
-"""``drs demo``: RS at σ against DRS at σ/√2 per branch on scikit-learn's bundled handwritten
-digits, end to end: pre-train a small CNN, fine-tune it into the RS model and the two DRS branch
-models, certify test digits with both, print the table and save the plot."""
+"""``drs demo``: RS, DRS, σ-routing and the σ-selector on scikit-learn's bundled handwritten
+digits, end to end.
+
+Pre-train a small CNN; fine-tune it into RS models at each level σ ∈ Σ and into the two DRS
+branch models at σ/√2; train a σ-estimator by Sun et al.'s recipe and route each digit to one
+of the RS models; fine-tune a universal-σ model and train a σ-selector for it (Hase et al.,
+demo_selector.py); certify test digits with every model; attack RS and the σ-selector; print
+the tables and save the plots."""
 
 from __future__ import annotations
 
@@ -9,26 +14,44 @@ import copy
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..io.checkpoint import BranchSpec
+from ..io.checkpoint import BranchSpec, load_branch
 from ..io.data import ImageDataset, load_dataset
 from ..io.results import TsvWriter
 from ..ops import FILLS
+from ..smoothing import SmoothedClassifier
+from ..smoothing.sigma_routing import SigmaRoutedClassifier, check_levels
 from ..train import RECIPES, TrainConfig, Trainer, finetune_branches, make_recipe
+from ..train.sigma_estimator import train_estimator
 from .analyze import analyze
 from .certify import build_smoothed, certify_images
-from .common import DEFAULT_RADII, add_common, default_device, select_indices, show_progress
+from .common import add_common, default_device, select_indices, show_progress
+from .demo_selector import (
+    DEMO_SELECTOR,
+    add_demo_selector_args,
+    attack_table,
+    certify_selector,
+    check_demo_selector_args,
+    selector_files,
+    selector_note,
+    train_selector_models,
+)
+from .routed import ROUTED_FIELDS, certify_routed_images, routing_diagnostics
 
+DEMO_RADII = tuple(0.25 * i for i in range(9))  # 0 to 2
 DEMO_FILES = (
     "base/model.pt",
     "rs/model.pt",
     "drs/branch0.pt",
     "drs/branch1.pt",
-    "rs.tsv",
     "drs.tsv",
+    "router/labels.pt",
+    "router/estimator.pt",
+    "routed.tsv",
 )
 # Pre-training: SGD as in Cohen et al.; fine-tuning: Adam at 1e-3 as in Xia et al.
 DEMO_PRETRAIN = {"lr": 0.05, "optimizer": "sgd", "weight_decay": 5e-4}
@@ -42,7 +65,9 @@ def _demo_dir(args: argparse.Namespace) -> Path:
     settings = {k: v for k, v in vars(args).items() if k not in ignored}
     config_file = out / "demo_config.json"
     if args.overwrite:
-        for name in DEMO_FILES:
+        per_level = [f"rs_{lv:g}/model.pt" for lv in args.levels]
+        per_level += [f"rs_{lv:g}.tsv" for lv in args.levels]
+        for name in (*DEMO_FILES, *per_level, *selector_files(args)):
             (out / name).unlink(missing_ok=True)
     elif config_file.exists() and json.loads(config_file.read_text()) != settings:
         raise ValueError(
@@ -68,16 +93,9 @@ def _demo_train(
     recipe = make_recipe(args.recipe)
 
     def config(epochs: int, settings: dict) -> TrainConfig:
-        return TrainConfig(
-            epochs=epochs,
-            batch_size=64,
-            seed=args.seed,
-            device=device,
-            progress=show_progress(args),
-            **settings,
-        )
+        return _config(args, device, epochs, settings)
 
-    print(f"[1/4] pre-training a {base.arch} on {len(train)} digits with noise σ = {args.sigma:g}")
+    print(f"[1/8] pre-training a {base.arch} on {len(train)} digits with noise σ = {args.sigma:g}")
     torch.manual_seed(args.seed)
     model = base.build_model()
     pretrain = config(args.epochs, DEMO_PRETRAIN)
@@ -86,7 +104,7 @@ def _demo_train(
     )
     sigma_drs = args.sigma / math.sqrt(2.0)
     print(
-        f"[2/4] fine-tuning RS at σ = {args.sigma:g} and both DRS branches at σ/√2 = "
+        f"[2/8] fine-tuning RS at σ = {args.sigma:g} and both DRS branches at σ/√2 = "
         f"{sigma_drs:.3f} (the same total noise energy, as Xia et al. pair them)"
     )
     finetune = config(args.finetune_epochs, DEMO_FINETUNE)
@@ -109,41 +127,117 @@ def _demo_train(
     return sigma_drs
 
 
+def _expert_path(args: argparse.Namespace, level: float) -> str:
+    return "rs/model.pt" if math.isclose(level, args.sigma) else f"rs_{level:g}/model.pt"
+
+
+def _demo_routing(
+    args: argparse.Namespace, out: Path, device: str, train: ImageDataset, test: ImageDataset
+) -> SigmaRoutedClassifier:
+    """An RS expert per level (fine-tuned from the pre-trained model), then the σ-estimator
+    trained by Sun et al.'s recipe on their radius labels; returns the σ-routed classifier."""
+    levels = check_levels(args.levels)
+    base_model, base = load_branch(out / "base/model.pt")
+    recipe = make_recipe(args.recipe)
+    finetune = _config(args, device, args.finetune_epochs, DEMO_FINETUNE)
+    print(f"[3/8] fine-tuning an RS expert at each level Σ = {{{', '.join(map(str, levels))}}}")
+    for level in levels:
+        path = out / _expert_path(args, level)
+        spec = replace(base, sigma=level)
+        model = copy.deepcopy(base_model)
+        Trainer(model, spec, recipe, train, finetune, path, eval_data=test).fit(resume=True)
+    experts = [
+        SmoothedClassifier(load_branch(out / _expert_path(args, lv))[0], base.num_classes, lv)
+        for lv in levels
+    ]
+    print(
+        f"[4/8] σ-estimator at σ_e = {args.estimator_sigma:g}: radius labels of "
+        f"{len(train)} training digits (n = {args.label_n}), then soft labels and training"
+    )
+    spec = replace(base, num_classes=len(levels), sigma=args.estimator_sigma)
+    estimator_config = _config(args, device, args.estimator_epochs, DEMO_FINETUNE)
+    estimator = train_estimator(
+        experts,
+        levels,
+        train,
+        spec,
+        estimator_config,
+        out / "router",
+        label_n=args.label_n,
+        resume=True,
+    )
+    return SigmaRoutedClassifier(estimator, levels, args.estimator_sigma, experts)
+
+
+def _config(args: argparse.Namespace, device: str, epochs: int, settings: dict) -> TrainConfig:
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=64,
+        seed=args.seed,
+        device=device,
+        progress=show_progress(args),
+        **settings,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    check_demo_selector_args(args)
     out = _demo_dir(args)
     device = args.device or default_device()
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     sigma_drs = _demo_train(args, out, device, train, test)
+    router = _demo_routing(args, out, device, train, test)
+    print("[5/8] σ-selector (Hase et al.): ", end="")
+    selector = train_selector_models(
+        args,
+        out,
+        train,
+        test,
+        _config(args, device, args.finetune_epochs, DEMO_FINETUNE),
+        _config(args, device, args.selector_epochs, DEMO_SELECTOR),
+        router.levels,
+    )
     indices = select_indices(len(test), max_index=args.num_test)
     print(
-        f"[3/4] certifying {len(indices)} test digits with each (n0 = {args.n0}, n = {args.n}, "
-        f"α = {args.alpha:g})"
+        f"[6/8] certifying {len(indices)} test digits with each (n0 = {args.n0}, n = {args.n}, "
+        f"α = {args.alpha:g}; σ-routing: α/2 per stage; σ-selector at λ ∈ {args.lams})"
     )
-    runs = {
-        f"RS σ={args.sigma:g}": (["rs/model.pt"], "rs.tsv"),
-        f"DRS σ={sigma_drs:.3f}/branch": (["drs/branch0.pt", "drs/branch1.pt"], "drs.tsv"),
-    }
+    runs = {f"RS σ={lv:g}": ([_expert_path(args, lv)], f"rs_{lv:g}.tsv") for lv in router.levels}
+    runs[f"DRS σ={sigma_drs:.3f}/branch"] = (["drs/branch0.pt", "drs/branch1.pt"], "drs.tsv")
     caps = {}
+    common = dict(
+        n0=args.n0,
+        n=args.n,
+        alpha=args.alpha,
+        batch=args.batch,
+        seed=args.seed,
+        device=device,
+        progress=show_progress(args),
+    )
     for name, (checkpoints, tsv) in runs.items():
         smoothed, _ = build_smoothed([str(out / c) for c in checkpoints], None, device)
         caps[name] = smoothed.max_radius(args.n, args.alpha)
         with TsvWriter(out / tsv, resume=True) as writer:
-            certify_images(
-                smoothed,
-                test,
-                indices,
-                writer,
-                n0=args.n0,
-                n=args.n,
-                alpha=args.alpha,
-                batch=args.batch,
-                seed=args.seed,
-                device=device,
-                progress=show_progress(args),
-                desc=f"certify {name}",
-            )
-    print("[4/4] results")
+            certify_images(smoothed, test, indices, writer, desc=f"certify {name}", **common)
+    routed_name = "σ-routed"
+    caps[routed_name] = router.max_radius(args.n, args.alpha)
+    with TsvWriter(out / "routed.tsv", resume=True, extra_fields=ROUTED_FIELDS) as writer:
+        certify_routed_images(router, test, indices, writer, desc="certify σ-routed", **common)
+    runs[routed_name] = ([], "routed.tsv")
+    selector_runs, selector_caps, selector_notes = certify_selector(
+        args, out, selector, test, indices, common
+    )
+    runs.update(selector_runs)
+    caps.update(selector_caps)
+    rs, _ = build_smoothed([str(out / _expert_path(args, args.sigma))], args.sigma, device)
+    print(
+        f"[7/8] attacking RS σ = {args.sigma:g} and the σ-selector at λ = {args.attack_lam:g} "
+        f"(ℓ2 PGD, ε ∈ {args.epsilons}, {args.attack_steps} steps; PREDICT with n = "
+        f"{args.attack_n})"
+    )
+    attacks = attack_table(args, out, rs, selector, test, device, show_progress(args))
+    print("[8/8] results")
     plot = out / "certified_accuracy.png"
     title = (
         f"{len(indices)} test digits, n0 = {args.n0}, n = {args.n}, α = {args.alpha:g}\n"
@@ -154,17 +248,25 @@ def run(args: argparse.Namespace) -> int:
     cap_text = ", ".join(f"{name}: {cap:.2f}" for name, cap in caps.items())
     note = (
         f"With n = {args.n} estimation draws no radius above the cap can be certified "
-        f"({cap_text}), so every curve falls to 0 there; a larger --n raises the cap."
+        f"({cap_text}), so every curve falls to 0 there; a larger --n raises the cap.\n"
+        + routing_diagnostics(out / "routed.tsv", router.levels)
+        + "\n"
+        + "\n".join([selector_note(args), *selector_notes])
     )
-    (out / "summary.md").write_text(table + "\n\n" + note + "\n")
+    attacks = "Accuracy under attack (an abstention counts as wrong):\n\n" + attacks
+    (out / "summary.md").write_text(table + "\n\n" + note + "\n\n" + attacks + "\n")
     print(table)
     print(note)
-    print(f"plot: {plot}; table: {out / 'summary.md'}; total {time.perf_counter() - started:.0f} s")
+    print(attacks)
+    plots = f"plots: {plot}, {out / 'attack.png'}"
+    print(f"{plots}; tables: {out / 'summary.md'}; total {time.perf_counter() - started:.0f} s")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="RS vs DRS on scikit-learn's digits, end to end")
+    p = sub.add_parser(
+        "demo", help="RS, DRS, σ-routing and the σ-selector on scikit-learn's digits, end to end"
+    )
     p.add_argument("--sigma", type=float, default=0.5, help="RS σ; DRS uses σ/√2 per branch")
     p.add_argument("--recipe", default="gaussian", choices=sorted(RECIPES))
     p.add_argument("--fill", default="neighbors", choices=FILLS)
@@ -176,7 +278,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", "--N", type=int, default=2000)
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--batch", type=int, default=1000)
-    p.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII))
+    p.add_argument("--radii", type=float, nargs="+", default=list(DEMO_RADII))
+    routing = p.add_argument_group("σ-routing (Sun, Mao, Vechev)")
+    routing.add_argument(
+        "--levels", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="the levels Σ"
+    )
+    routing.add_argument("--estimator-sigma", type=float, default=1.0, help="σ_e (default 1.0)")
+    routing.add_argument("--estimator-epochs", type=int, default=20)
+    routing.add_argument("--label-n", type=int, default=100, help="draws per label radius")
+    add_demo_selector_args(p)
     p.add_argument("--out-dir", default="demo_out")
     p.add_argument("--overwrite", action="store_true", help="start over in --out-dir")
     add_common(p)

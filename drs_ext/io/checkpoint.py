@@ -16,6 +16,8 @@ branch              0 or 1 for ``"diag"`` (0 = fˡ, pixels with i + j even), 0 f
 fill                how the noisy sub-image is brought back to full resolution (``"diag"`` only)
 recipe              ``{"name": ..., <hyper-parameters>}`` the model was trained with
 normalization       ``{"mean": [...], "std": [...]}`` applied inside the model, or None
+levels              optional: the noise levels Σ a σ-estimator classifies into (class i is
+                    levels[i]); absent or None for a classifier
 state_dict          weights of the network (without the normalisation wrapper)
 train_state         optional: what :class:`drs_ext.training.Trainer` needs to resume
 ==================  ==========================================================================
@@ -83,6 +85,7 @@ class BranchSpec:
     recipe: dict = field(default_factory=dict)
     arch_kwargs: dict = field(default_factory=dict)
     normalization: dict | None = None
+    levels: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.partition not in PARTITIONS:
@@ -103,6 +106,17 @@ class BranchSpec:
             raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape!r}")
         if self.partition == "diag" and self.input_shape[2] % 2:
             raise ValueError(f"partition 'diag' needs an even width, got {self.input_shape!r}")
+        if self.levels is not None:
+            ok = len(self.levels) == self.num_classes and all(
+                isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in self.levels
+            )
+            if not ok or list(self.levels) != sorted(set(self.levels)):
+                raise ValueError(
+                    f"levels must be {self.num_classes} increasing σ > 0 (one per output of the "
+                    f"σ-estimator), got {self.levels!r}"
+                )
+            if self.partition != "none":
+                raise ValueError("a σ-estimator smooths the whole image: partition must be 'none'")
 
     def build_model(self) -> nn.Module:
         """A freshly initialised model of this spec's architecture."""
@@ -115,6 +129,9 @@ class BranchSpec:
         )
 
     def describe(self) -> str:
+        if self.levels is not None:
+            levels = ", ".join(f"{s:g}" for s in self.levels)
+            return f"{self.arch} σ-estimator over levels ({levels}), sigma {self.sigma:g}"
         where = "RS" if self.partition == "none" else f"DRS branch {self.branch} (fill {self.fill})"
         return f"{self.arch} {where}, sigma {self.sigma:g}"
 
@@ -126,6 +143,7 @@ def save_checkpoint(
     path = Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(spec)}
     payload["input_shape"] = list(spec.input_shape)
+    payload["levels"] = None if spec.levels is None else [float(s) for s in spec.levels]
     payload["state_dict"] = unwrap_normalize(model).state_dict()
     if train_state is not None:
         payload["train_state"] = train_state
@@ -165,6 +183,8 @@ def spec_from_checkpoint(payload: dict, path: str | os.PathLike = "<checkpoint>"
     """The :class:`BranchSpec` stored in a validated checkpoint dict."""
     fields = {k: payload[k] for k in _SPEC_KEYS}
     fields["input_shape"] = tuple(fields["input_shape"])
+    if payload.get("levels") is not None:  # files without it are classifiers
+        fields["levels"] = tuple(payload["levels"])
     try:
         return BranchSpec(**fields)
     except (TypeError, ValueError) as err:

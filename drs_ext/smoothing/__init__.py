@@ -2,6 +2,13 @@
 
 from .drs import DualSmoothedClassifier
 from .rs import SmoothedClassifier
-from .sampling import BranchSmoothing
+from .sampling import BranchSmoothing, Certificate
+from .sigma_selector import SigmaSelectorClassifier
 
-__all__ = ["BranchSmoothing", "DualSmoothedClassifier", "SmoothedClassifier"]
+__all__ = [
+    "BranchSmoothing",
+    "Certificate",
+    "DualSmoothedClassifier",
+    "SigmaSelectorClassifier",
+    "SmoothedClassifier",
+]

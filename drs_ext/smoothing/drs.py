@@ -10,7 +10,7 @@ import torch
 from ..radius import drs_radius
 from ..stats import lower_confidence_bound
 from .model_call import ModelCall
-from .sampling import BranchSmoothing, Classifier, check_sigma
+from .sampling import BranchSmoothing, Classifier, check_sigma, is_real
 
 
 class DualSmoothedClassifier(BranchSmoothing):
@@ -18,6 +18,8 @@ class DualSmoothedClassifier(BranchSmoothing):
     diagonal sub-images of x (docs/design.md §2.1), εₚ ~ N(0, σₚ² I), and each branch
     classifier sees its noisy sub-image brought back to full resolution by `fill`.
     The keyword options are those of SmoothedClassifier."""
+
+    method = "drs"
 
     def __init__(
         self,
@@ -32,8 +34,8 @@ class DualSmoothedClassifier(BranchSmoothing):
         cuda_graph: bool = False,
         prefetch_noise: bool = True,
     ) -> None:
-        pair = sigma if isinstance(sigma, (tuple, list)) else (sigma, sigma)
-        if len(pair) != 2:
+        pair = (sigma, sigma) if is_real(sigma) else sigma
+        if not isinstance(pair, (tuple, list, np.ndarray)) or len(pair) != 2:
             raise ValueError(f"sigma must be one value or a pair (sigma_l, sigma_r), got {sigma!r}")
         sigmas = [check_sigma(pair[0], "sigma_l"), check_sigma(pair[1], "sigma_r")]
         super().__init__(
@@ -47,12 +49,12 @@ class DualSmoothedClassifier(BranchSmoothing):
         )
         self.sigma_l, self.sigma_r = sigmas
 
-    def radius_from_counts(self, counts: np.ndarray, n: int, alpha: float) -> float:
-        """R = (Φ⁻¹(p̲ₗ) + Φ⁻¹(p̲ᵣ)) / √(σₗ⁻² + σᵣ⁻²) (docs/design.md §2.4).
+    def lower_bounds(self, counts: np.ndarray, n: int, alpha: float) -> np.ndarray:
+        """Union bound: p̲ₗ and p̲ᵣ are each a (1 - alpha/2) Clopper–Pearson lower bound, so both
+        hold at once with probability at least 1 - alpha, and on that event the radius is valid
+        (docs/design.md §2.4)."""
+        return np.array([lower_confidence_bound(int(k), n, alpha / 2) for k in counts[:2]])
 
-        Union bound: p̲ₗ and p̲ᵣ are each a (1 - alpha/2) lower bound, so both hold at once with
-        probability at least 1 - alpha, and on that event the radius is valid.
-        """
-        p_lower_l = lower_confidence_bound(int(counts[0]), n, alpha / 2)
-        p_lower_r = lower_confidence_bound(int(counts[1]), n, alpha / 2)
-        return drs_radius(p_lower_l, p_lower_r, self.sigma_l, self.sigma_r)
+    def radius_from_bounds(self, p_lower: np.ndarray) -> float:
+        """R = (Φ⁻¹(p̲ₗ) + Φ⁻¹(p̲ᵣ)) / √(σₗ⁻² + σᵣ⁻²)."""
+        return drs_radius(float(p_lower[0]), float(p_lower[1]), self.sigma_l, self.sigma_r)

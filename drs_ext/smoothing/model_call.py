@@ -43,7 +43,7 @@ class ModelCall:
     cuda_graph: bool = False
     _graphs: dict[tuple, _GraphedCall] = field(default_factory=dict, repr=False)
 
-    def _eager(self, model: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    def _eager(self, model: nn.Module, views: torch.Tensor, sigma: float | None) -> torch.Tensor:
         if self.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
@@ -51,12 +51,19 @@ class ModelCall:
             dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         ):
-            return model(views)
+            if sigma is None:
+                return model(views)
+            # Filled on the device: no host-to-device copy, so no wait for the stream.
+            return model(views, torch.full(views.shape[:1], sigma, device=views.device))
 
-    def __call__(self, model: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, views: torch.Tensor, sigma: float | None = None
+    ) -> torch.Tensor:
+        """model(views), or, given the views' noise level sigma, model(views, σ per view (B,))
+        for a model that takes it."""
         if not (self.cuda_graph and views.is_cuda):
-            return self._eager(model, views)
-        key = (id(model), tuple(views.shape), views.dtype, views.device)
+            return self._eager(model, views, sigma)
+        key = (id(model), tuple(views.shape), views.dtype, views.device, sigma)
         if key not in self._graphs:
-            self._graphs[key] = _GraphedCall(lambda v: self._eager(model, v), views)
+            self._graphs[key] = _GraphedCall(lambda v: self._eager(model, v, sigma), views)
         return self._graphs[key](views)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +43,13 @@ class TrainConfig:
     device: str = "cpu"
     num_workers: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Zero epochs would train nothing and write no checkpoint, yet look like a finished run.
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -193,7 +201,7 @@ class Trainer:
             self.optimizer.step()
             total_loss += loss.detach().item() * x.shape[0]
             seen += x.shape[0]
-            correct += int((logits.detach().argmax(-1) == y[:, None]).sum())
+            correct += self.recipe.correct(logits.detach(), y)
             views += logits.shape[0] * logits.shape[1]
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / views:.3f}")
         lr = self.optimizer.param_groups[0]["lr"]

@@ -161,10 +161,11 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double>
                                        int64_t num, int64_t seed, int64_t offset,
                                        const at::Tensor& stream, c10::string_view fill,
                                        std::optional<at::ScalarType> out_dtype,
-                                       int64_t samples, int64_t shuffle_seed) {
-  // The real op's argument checks and seed split (key0, key1).
+                                       int64_t samples, int64_t shuffle_seed,
+                                       const std::optional<at::Tensor>& sigma_per_image) {
+  // The real op's argument checks, seed split (key0, key1) and float32 sigma per image.
   const drs_ext::NoisyViewsArgs args = drs_ext::check_noisy_views_args(
-      x, sigma, num, seed, offset, stream, "diag", fill, out_dtype);
+      x, sigma, num, seed, offset, stream, "diag", fill, out_dtype, sigma_per_image);
   TORCH_CHECK(x.device().is_cpu() && stream.device().is_cpu(), "diag tiling: CPU tensors only");
   TORCH_CHECK(samples >= 1 && samples <= drs_ext::diag::kMaxChunkSamples,
               "diag tiling: samples per chunk must lie in 1..", drs_ext::diag::kMaxChunkSamples,
@@ -258,7 +259,8 @@ TORCH_LIBRARY(drs_host_tiling, m) {
   m.def("divide_by_count(Tensor sum, int count) -> Tensor", &divide_by_count);
   m.def(
       "run(Tensor x, float[] sigma, int num, int seed, int offset, Tensor stream, str fill, "
-      "ScalarType? out_dtype, int samples, int shuffle_seed) -> (Tensor, Tensor)",
+      "ScalarType? out_dtype, int samples, int shuffle_seed, Tensor? sigma_per_image=None) -> "
+      "(Tensor, Tensor)",
       &run);
   m.def("max_chunk_samples(int channels, int height, int width) -> int", &max_chunk_samples);
 }

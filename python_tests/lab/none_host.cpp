@@ -89,10 +89,11 @@ constexpr int64_t kGuard = 64;
 std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x, at::ArrayRef<double> sigma,
                                        int64_t num, int64_t seed, int64_t offset,
                                        const at::Tensor& stream,
-                                       std::optional<at::ScalarType> out_dtype, int64_t samples) {
-  // The real op's argument checks and seed split (key0, key1).
+                                       std::optional<at::ScalarType> out_dtype, int64_t samples,
+                                       const std::optional<at::Tensor>& sigma_per_image) {
+  // The real op's argument checks, seed split (key0, key1) and float32 sigma per image.
   const drs_ext::NoisyViewsArgs args = drs_ext::check_noisy_views_args(
-      x, sigma, num, seed, offset, stream, "none", "neighbors", out_dtype);
+      x, sigma, num, seed, offset, stream, "none", "neighbors", out_dtype, sigma_per_image);
   TORCH_CHECK(samples >= 1 && samples <= std::numeric_limits<int32_t>::max(),
               "none kernel: samples per chunk must be >= 1 (and fit in int32), got ", samples);
   TORCH_CHECK(x.device().is_cpu() && stream.device().is_cpu(), "none kernel: CPU tensors only");
@@ -155,7 +156,7 @@ int64_t chunk_samples(int64_t images, int64_t num, int64_t blocks_per_chunk, int
 TORCH_LIBRARY(drs_host_none, m) {
   m.def(
       "run(Tensor x, float[] sigma, int num, int seed, int offset, Tensor stream, "
-      "ScalarType? out_dtype, int samples) -> (Tensor, Tensor)",
+      "ScalarType? out_dtype, int samples, Tensor? sigma_per_image=None) -> (Tensor, Tensor)",
       &run);
   m.def("chunk_samples(int images, int num, int blocks_per_chunk, int min_blocks) -> int",
         &chunk_samples);

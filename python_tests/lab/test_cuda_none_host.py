@@ -176,3 +176,18 @@ def test_host_none_kernel_equals_reference(none_kernel: object) -> None:
         x, SIGMA, num=num, seed=SEED, offset=OFFSET, stream=stream, partition="none"
     )
     assert_close_to(host, ref, reference_atol(x, SIGMA))
+
+
+def test_host_none_kernel_with_sigma_per_image(none_kernel: object) -> None:
+    """σ per image: every thread of a chunk reads its row's σ (locate, once per chunk). Chunks
+    of every size equal the CPU kernel given the same tensor."""
+    x, num, stream = inputs((3, 1, 3, 5))
+    sigma = torch.tensor([0.25, 1.5, 0.75], dtype=torch.float64)
+    cpu = torch.ops.drs_ext.noisy_views(
+        x, [], num, SEED, OFFSET, stream, "none", "neighbors", None, sigma
+    )
+    for samples in CHUNK_SAMPLES:
+        host, _ = none_kernel.run(  # type: ignore[attr-defined]
+            x, [], num, SEED, OFFSET, stream, None, samples, sigma[:, None]
+        )
+        assert_close_to(host, cpu, parity_atol(x, sigma.tolist()))

@@ -246,3 +246,30 @@ def test_shapes_reach_every_tiling_case(tiling: object) -> None:
         stats = [s for (d, _), s in seen.items() if d == out_dtype]
         for key in ("phased_planes", "vec_stores", "element_stores"):
             assert any(s[key] > 0 for s in stats), (out_dtype, key)
+
+
+def test_host_tiling_with_sigma_per_image(tiling: object) -> None:
+    """σ per (image, branch): the kernel reads it once per chunk (diag::chunk_planes). Chunks of
+    every size, on shapes with several images, row and column tiles, equal the CPU kernel given
+    the same (N, P) tensor, and the (N,) form equals its (N, P) expansion bit for bit."""
+    for shape in [(3, 3, 7, 14), (2, 2, 11, 262), (2, 1, 6, 10)]:
+        x, num, stream = inputs(shape)
+        images = shape[0]
+        table = torch.tensor([[0.25, 1.5], [0.75, 0.125], [2.0, 0.5]])[:images]
+        cpu = torch.ops.drs_ext.noisy_views(
+            x, [], num, SEED, OFFSET, stream, "diag", "neighbors", None, table
+        )
+        for samples in chunk_sizes(tiling, shape):
+            host, _ = tiling.run(  # type: ignore[attr-defined]
+                x, [], num, SEED, OFFSET, stream, "neighbors", None, samples, 1, table
+            )
+            assert_close_to(host, cpu, parity_atol(x, table.flatten().tolist()))
+            per_image = table[:, 0].double()
+            host_n, _ = tiling.run(  # type: ignore[attr-defined]
+                x, [], num, SEED, OFFSET, stream, "neighbors", None, samples, 1, per_image
+            )
+            both = table[:, :1].expand(images, 2).contiguous()
+            expanded, _ = tiling.run(  # type: ignore[attr-defined]
+                x, [], num, SEED, OFFSET, stream, "neighbors", None, samples, 1, both
+            )
+            assert torch.equal(host_n, expanded)

@@ -24,6 +24,10 @@ class Recipe:
     def start_epoch(self, epoch: int) -> None:
         """Hook for schedules that depend on the (0-based) epoch; most recipes have none."""
 
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
+        """How many of the views' logits (B, m, K) pick their image's label y (B,)."""
+        return int((logits.argmax(-1) == y[:, None]).sum())
+
     def to_dict(self) -> dict:
         """Name and hyper-parameters, as stored in checkpoints."""
         return {"name": self.name, **asdict(self)}
