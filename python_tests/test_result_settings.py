@@ -263,14 +263,14 @@ def test_a_failed_start_leaves_no_file_behind(inputs, tmp_path, capsys, monkeypa
         raise ValueError("the model broke")
 
     with monkeypatch.context() as patch:
-        patch.setattr(BranchSmoothing, "certify", broken)
+        patch.setattr(BranchSmoothing, "certify_details", broken)
         assert "the model broke" in error_of(capsys, certify_argv(inputs, out))
         assert not out.exists() and not sidecar_path(out).exists()
     # --overwrite of an existing file that fails at the first image keeps the old rows.
     assert run(certify_argv(inputs, tmp_path / "old.tsv", "--max", "2")) == 0
     before = (tmp_path / "old.tsv").read_bytes()
     with monkeypatch.context() as patch:
-        patch.setattr(BranchSmoothing, "certify", broken)
+        patch.setattr(BranchSmoothing, "certify_details", broken)
         assert run(certify_argv(inputs, tmp_path / "old.tsv", "--overwrite")) == 2
     assert (tmp_path / "old.tsv").read_bytes() == before
     # The corrected rerun needs neither --resume nor --overwrite.

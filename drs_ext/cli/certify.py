@@ -21,12 +21,12 @@ Every flag also has a spelling that is no prefix of a torchrun option (``--N`` o
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -47,12 +47,12 @@ from .common import (
     shard_path,
     show_progress,
 )
-from .routed import ROUTED_FIELDS, build_router, certify_routed_images
+from .routed import ROUTED_FIELDS, build_router, routed_columns
 from .selected import (
     SELECTOR_FIELDS,
     add_selector_args,
     build_selected,
-    certify_selected_images,
+    selector_columns,
     selector_method_args,
     validate_selector,
 )
@@ -132,20 +132,29 @@ def certify_images(
     device: str,
     progress: bool = True,
     desc: str = "certify",
+    columns: Callable[[Any], tuple] | None = None,
+    **certify_options: object,
 ) -> None:
     """Certify ``dataset[i]`` for each i of ``indices`` not yet in ``writer``, one row each.
 
     The noise stream of image i is i itself, so its certificate does not depend on the shard,
-    the batch size or whether the run was resumed.
+    the batch size or whether the run was resumed. Any smoothed classifier with a
+    ``certify_details`` serves (RS, DRS, σ-routing, σ-selector); ``certify_options`` go to it
+    (the σ-selector's lam, n_h), and ``columns(certificate)`` gives the values of the writer's
+    extra columns (routed.routed_columns, selected.selector_columns).
     """
     todo = check_done(writer, dataset, indices)
     for i in tqdm(todo, desc=desc, disable=not progress, dynamic_ncols=True):
         x, label = dataset[i]
         start = time.perf_counter()
-        prediction, radius = smoothed.certify(
-            x.to(device), n0, n, alpha, batch, seed=seed, stream=i
+        cert = smoothed.certify_details(
+            x.to(device), n0, n, alpha, batch, seed=seed, stream=i, **certify_options
         )
-        writer.write(i, label, prediction, radius, prediction == label, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        extra = columns(cert) if columns else ()
+        writer.write(
+            i, label, cert.prediction, cert.radius, cert.prediction == label, seconds, extra=extra
+        )
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -183,23 +192,23 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(
             f"{out} exists; pass --resume to continue it or --overwrite to replace it"
         )
-    method_args, extra_fields = None, ()
+    method_args, extra_fields, certify_options = None, (), {}
     if args.estimator:
         smoothed, spec = build_router(
             args.estimator, args.checkpoint, device, **model_call_options(args)
         )
-        checkpoints, certify = [args.estimator, *args.checkpoint], certify_routed_images
-        extra_fields = ROUTED_FIELDS
+        checkpoints = [args.estimator, *args.checkpoint]
+        extra_fields, certify_options = ROUTED_FIELDS, {"columns": routed_columns}
     elif args.selector:
         smoothed, spec = build_selected(args, device, **model_call_options(args))
         checkpoints = [args.selector, *args.checkpoint]
         method_args, extra_fields = selector_method_args(args), SELECTOR_FIELDS
-        certify = functools.partial(certify_selected_images, lam=args.lam, n_h=args.n_selector)
+        certify_options = {"columns": selector_columns, "lam": args.lam, "n_h": args.n_selector}
     else:
         smoothed, spec = build_smoothed(
             args.checkpoint, args.sigma, device, **model_call_options(args)
         )
-        checkpoints, certify = list(args.checkpoint), certify_images
+        checkpoints = list(args.checkpoint)
     dataset = load_dataset(args.data, args.split, download=args.download)
     if tuple(dataset.input_shape) != tuple(spec.input_shape):
         raise ValueError(
@@ -242,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     with writer:
         if writer.dropped is not None:
             print(f"{out}: redoing the half-written last line {writer.dropped!r}", file=sys.stderr)
-        certify(
+        certify_images(
             smoothed,
             dataset,
             indices,
@@ -255,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             progress=show_progress(args),
             desc=f"certify {out.name}",
+            **certify_options,
         )
         total = len(writer.done)
     what = spec.describe()

@@ -40,7 +40,7 @@ from .demo_selector import (
     selector_note,
     train_selector_models,
 )
-from .routed import ROUTED_FIELDS, certify_routed_images, routing_diagnostics
+from .routed import ROUTED_FIELDS, routed_columns, routing_diagnostics
 
 DEMO_RADII = tuple(0.25 * i for i in range(9))  # 0 to 2
 DEMO_FILES = (
@@ -223,7 +223,9 @@ def run(args: argparse.Namespace) -> int:
     routed_name = "σ-routed"
     caps[routed_name] = router.max_radius(args.n, args.alpha)
     with TsvWriter(out / "routed.tsv", resume=True, extra_fields=ROUTED_FIELDS) as writer:
-        certify_routed_images(router, test, indices, writer, desc="certify σ-routed", **common)
+        certify_images(
+            router, test, indices, writer, desc="certify σ-routed", columns=routed_columns, **common
+        )
     runs[routed_name] = ([], "routed.tsv")
     selector_runs, selector_caps, selector_notes = certify_selector(
         args, out, selector, test, indices, common

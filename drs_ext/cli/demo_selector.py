@@ -27,7 +27,8 @@ from ..smoothing import SigmaSelectorClassifier, SmoothedClassifier
 from ..train import SelectorTrainer, TrainConfig, Trainer, UniversalSigma
 from ..train.sigma_selector import load_selector
 from .attack import attack_images
-from .selected import SELECTOR_FIELDS, certify_selected_images, selector_diagnostics
+from .certify import certify_images
+from .selected import SELECTOR_FIELDS, selector_columns, selector_diagnostics
 
 SELECTOR_FILES = ("universal/model.pt", "selector/selector.pt", "attack.png")
 # Adam at 1e-2 with no weight decay: the selector is small and trains in seconds per epoch.
@@ -106,11 +107,12 @@ def certify_selector(
     for lam in args.lams:
         name, tsv = f"σ-selector λ={lam:g}", f"selector_{lam:g}.tsv"
         with TsvWriter(out / tsv, resume=True, extra_fields=SELECTOR_FIELDS) as writer:
-            certify_selected_images(
+            certify_images(
                 model,
                 test,
                 indices,
                 writer,
+                columns=selector_columns,
                 lam=lam,
                 n_h=args.n_selector,
                 desc=f"certify {name}",

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..io.checkpoint import BranchSpec, check_drs_pair, load_branch
-from ..io.data import ImageDataset, load_dataset
-from ..io.results import TsvWriter, read_tsv
+from ..io.data import load_dataset
+from ..io.results import read_tsv
 from ..smoothing import DualSmoothedClassifier, SmoothedClassifier
 from ..smoothing.sampling import BranchSmoothing
-from ..smoothing.sigma_routing import SigmaRoutedClassifier, check_levels
+from ..smoothing.sigma_routing import RoutedCertificate, SigmaRoutedClassifier, check_levels
 from ..train import TrainConfig
 from ..train.recipes import Recipe
 from ..train.sigma_estimator import EstimatorConsistency, finetune_experts, train_estimator
-from .common import check_done, key_values
+from .common import key_values
 
 ROUTED_FIELDS = ("sigma", "radius_sigma", "radius_c")
 
@@ -120,33 +118,10 @@ def build_router(
     return router, est_spec
 
 
-def certify_routed_images(
-    router: SigmaRoutedClassifier,
-    dataset: ImageDataset,
-    indices: Sequence[int],
-    writer: TsvWriter,
-    *,
-    n0: int,
-    n: int,
-    alpha: float,
-    batch: int,
-    seed: int,
-    device: str,
-    progress: bool = True,
-    desc: str = "certify",
-) -> None:
-    """`certify_images` for a σ-routed classifier: Cohen's six columns, then the chosen σ
-    (nan when the estimator abstains), R_σ and R_c (ROUTED_FIELDS)."""
-    todo = check_done(writer, dataset, indices)
-    for i in tqdm(todo, desc=desc, disable=not progress, dynamic_ncols=True):
-        x, label = dataset[i]
-        start = time.perf_counter()
-        cert = router.certify_details(x.to(device), n0, n, alpha, batch, seed=seed, stream=i)
-        seconds = time.perf_counter() - start
-        extra = (cert.sigma, cert.radius_sigma, cert.radius_c)
-        writer.write(
-            i, label, cert.prediction, cert.radius, cert.prediction == label, seconds, extra=extra
-        )
+def routed_columns(cert: RoutedCertificate) -> tuple[float, float, float]:
+    """A σ-routed row's extra columns (ROUTED_FIELDS): the chosen σ (nan when the estimator
+    abstains), R_σ and R_c; for certify_images(columns=...)."""
+    return (cert.sigma, cert.radius_sigma, cert.radius_c)
 
 
 def routing_diagnostics(path: str | Path, levels: Sequence[float]) -> str:

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..io.checkpoint import BranchSpec, load_branch
-from ..io.data import ImageDataset, load_dataset
-from ..io.results import TsvWriter, read_tsv
+from ..io.data import load_dataset
+from ..io.results import read_tsv
 from ..io.settings import file_sha256
 from ..median import order_statistic_bounds
 from ..models import SELECTOR_ARCHS
@@ -34,7 +31,7 @@ from ..smoothing.sigma_routing import check_levels
 from ..smoothing.sigma_selector import SigmaSelectorClassifier, check_lambda
 from ..train import SelectorObjective, SelectorTrainer, TrainConfig, UniversalSigma
 from ..train.sigma_selector import load_selector
-from .common import check_done, key_values
+from .common import key_values
 from .routed import level_experts
 
 SELECTOR_FIELDS = ("sigma", "sigma_lower", "sigma_upper", "lam")
@@ -145,38 +142,11 @@ def selector_method_args(args: argparse.Namespace) -> dict:
     }
 
 
-def certify_selected_images(
-    model: SigmaSelectorClassifier,
-    dataset: ImageDataset,
-    indices: Sequence[int],
-    writer: TsvWriter,
-    *,
-    lam: float,
-    n_h: int,
-    n0: int,
-    n: int,
-    alpha: float,
-    batch: int,
-    seed: int,
-    device: str,
-    progress: bool = True,
-    desc: str = "certify",
-) -> None:
-    """`certify_images` for the σ-selector: Cohen's six columns, then the certified level σ
-    (nan when the selector's bounds straddle two levels), the bounds y₍k_l₎, y₍k_u₎ on the
-    selector's median over the D-ball, and λ (SELECTOR_FIELDS)."""
-    todo = check_done(writer, dataset, indices)
-    for i in tqdm(todo, desc=desc, disable=not progress, dynamic_ncols=True):
-        x, label = dataset[i]
-        start = time.perf_counter()
-        cert = model.certify_details(
-            x.to(device), n0, n, alpha, batch, lam=lam, n_h=n_h, seed=seed, stream=i
-        )
-        seconds = time.perf_counter() - start
-        extra = (cert.sigma, cert.sigma_lower, cert.sigma_upper, cert.lam)
-        writer.write(
-            i, label, cert.prediction, cert.radius, cert.prediction == label, seconds, extra=extra
-        )
+def selector_columns(cert) -> tuple[float, float, float, float]:
+    """A σ-selector row's extra columns (SELECTOR_FIELDS): the certified level σ (nan when the
+    selector's bounds straddle two levels), the bounds y₍k_l₎, y₍k_u₎ on the selector's median
+    over the D-ball, and λ; for certify_images(columns=...)."""
+    return (cert.sigma, cert.sigma_lower, cert.sigma_upper, cert.lam)
 
 
 def selector_diagnostics(path: str | Path, levels: Sequence[float], budget: float) -> str:
