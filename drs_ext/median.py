@@ -22,8 +22,10 @@ on the whole D-ball. In a 0-based array y₍k₎ is sorted[k − 1]; indexing so
 shows its coverage falling below 1 − α).
 
 Noise. The samples are drawn by drs_ext.noisy_views with partition "none", keyed by the caller's
-(seed, stream), from sample indices of their own: [2^55, 2^55 + 2^48) for certificates and
-[2^55 + 2^48, 2^55 + 2^49) for predictions. Smoothed classifiers draw below 2^49 + 2^48
+(seed, stream), from sample indices of their own: [2^55, 2^55 + 2^48) for certificates,
+[2^55 + 2^48, 2^55 + 2^49) for predictions, and [2^55 + 2^49, 2^55 + 2^49 + 2^48) for the
+selection draws of a sequential certificate, which pick what to test and never enter a bound
+(smoothing/sigma_selector_sequential.py). Smoothed classifiers draw below 2^49 + 2^48
 (drs_ext/smoothing/sampling.py), so a median-smoothed function and a classifier certified with
 the same seed never share a noise value.
 """
@@ -45,6 +47,7 @@ from .smoothing.sampling import MAX_DRAWS, check_positive_int, eval_mode
 __all__ = [
     "MEDIAN_CERTIFY_OFFSET",
     "MEDIAN_PREDICT_OFFSET",
+    "MEDIAN_SELECTION_OFFSET",
     "MedianBounds",
     "median_interval_indices",
     "min_samples",
@@ -55,6 +58,7 @@ __all__ = [
 
 MEDIAN_CERTIFY_OFFSET = 1 << 55
 MEDIAN_PREDICT_OFFSET = (1 << 55) + (1 << 48)
+MEDIAN_SELECTION_OFFSET = (1 << 55) + (1 << 49)
 
 ScalarFunction = Callable[[torch.Tensor], torch.Tensor]
 
@@ -103,7 +107,13 @@ def _indices(n: int, p_low: float, p_high: float, alpha_lower: float, alpha_uppe
 
 def _quantile_levels(budget: float, noise: float) -> tuple[float, float]:
     ratio = budget / noise
-    return float(norm.sf(ratio)), float(norm.cdf(ratio))  # p̲ = Φ(−D/s), p̄ = Φ(D/s)
+    p_low, p_high = float(norm.sf(ratio)), float(norm.cdf(ratio))  # p̲ = Φ(−D/s), p̄ = Φ(D/s)
+    if p_high >= 1.0:  # Φ(D/s) rounds to 1 in float64 (D/s > 8.2): no sample size reaches it
+        raise ValueError(
+            f"budget D = {budget:g} is too large for noise s = {noise:g}: with D/s = {ratio:g} "
+            "> 8.2 no number of samples bounds the median on the D-ball"
+        )
+    return p_low, p_high
 
 
 def _min_n(p_low: float, p_high: float, alpha_lower: float, alpha_upper: float) -> int:

@@ -207,3 +207,13 @@ def test_non_finite_outputs_and_bad_shapes_are_errors():
         sample_outputs(lambda v: v.flatten(1), x, 3, 0.5, batch_size=8)
     with pytest.raises(ValueError, match="one float32 image"):
         sample_outputs(lambda v: v.sum((1, 2, 3)), x[None], 3, 0.5, batch_size=8)
+
+
+def test_a_budget_beyond_float_precision_is_refused_by_name() -> None:
+    # Φ(9) rounds to 1 in float64: no sample size bounds the median on that ball.
+    for call in (
+        lambda: order_statistic_bounds(1000, 9.0, 1.0, 0.001, 0.001),
+        lambda: min_samples(9.0, 1.0, 0.001, 0.001),
+    ):
+        with pytest.raises(ValueError, match="budget D = 9 is too large for noise s = 1"):
+            call()

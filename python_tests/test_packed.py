@@ -5,6 +5,7 @@ sampling loop), whatever the batch size and whichever images share its batches."
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 import pytest
@@ -12,9 +13,10 @@ import torch
 from test_sequential import PixelThreshold
 from torch import nn
 
+import drs_ext.smoothing.packed as packed
 from drs_ext import DualSmoothedClassifier, SmoothedClassifier
 from drs_ext.smoothing.at_radius import RadiusTest
-from drs_ext.smoothing.packed import certify_packed
+from drs_ext.smoothing.packed import StageRequest, certify_packed, run_stages
 from drs_ext.smoothing.sequential import RadiusEstimate, run
 
 # Class 0 with probability Φ((x[0, 0, 0] − 0.2)/σ) on RS / branch l, Φ((x[0, 0, 1] − 0.1)/σᵣ)
@@ -130,3 +132,77 @@ def test_nan_views_vote_for_no_class_with_a_warning() -> None:
     with pytest.warns(RuntimeWarning, match="NaN logits"):
         (only,) = list(certify_packed(smoothed, images()[:1], new_task, 64, seed=0))
     assert only.result.prediction == -1 and np.all(np.array(only.result.draws) <= 50)
+
+
+class Borrowed:
+    """A task that draws from another classifier under the key seed + 1 (StageRequests)."""
+
+    def __init__(self, task, smoothed, key=lambda seed: seed + 1) -> None:
+        self.task, self.smoothed, self.key = task, smoothed, key
+
+    def request(self):
+        wanted = self.task.request()
+        if wanted is None:
+            return None
+        return StageRequest(wanted.offset, wanted.draws, smoothed=self.smoothed, key=self.key)
+
+    def observe(self, counts) -> None:
+        self.task.observe(counts)
+
+    def result(self):
+        return self.task.result()
+
+
+def test_stage_requests_draw_from_their_classifier_and_key(monkeypatch) -> None:
+    """Images drawing from the call's RS classifier and images drawing from a DRS pair under
+    another key share batches; each gets the certificate it gets alone, and each branch model
+    runs at most once per batch."""
+    rs, drs = classifier("rs"), classifier("drs")
+    own, other = tasks(rs, "estimate"), tasks(drs, "estimate")
+    alone = [
+        run(rs, x, own(), 1000, seed=7, stream=i)
+        if i % 2
+        else run(drs, x, other(), 1000, seed=8, stream=i)
+        for i, x in enumerate(images())
+    ]
+    assert run_stages(rs, images()[0], Borrowed(other(), drs), 1000, seed=7) == alone[0]
+    calls, batch = [], [0]
+    for smoothed in (rs, drs):
+        for branch in smoothed.branches:
+            model = branch.members[0]
+            model.register_forward_pre_hook(lambda m, a: calls.append((batch[0], id(m))))
+    real_run_batch = packed._run_batch
+
+    def counted(*args):
+        batch[0] += 1
+        return real_run_batch(*args)
+
+    monkeypatch.setattr(packed, "_run_batch", counted)
+    for size in (64, 333):
+        turn = itertools.count()
+        new_task = functools.partial(alternate, turn, own, lambda: Borrowed(other(), drs))
+        results = certify_packed(rs, images(), new_task, size, seed=7)
+        assert [p.result for p in results] == alone
+    assert len(calls) == len(set(calls))  # no model twice in one batch
+    per_batch = [sum(b == i for b, _ in calls) for i in range(1, batch[0] + 1)]
+    assert max(per_batch) == 3  # RS's model and both DRS branches in one batch
+
+
+def alternate(turn, odd, even):
+    """odd() for the odd images, even() for the even ones."""
+    return odd() if next(turn) % 2 else even()
+
+
+def test_bad_stage_requests() -> None:
+    rs = classifier("rs")
+
+    def odd(smoothed, key):
+        return lambda: Borrowed(tasks(rs, "radius")(), smoothed, key)
+
+    with pytest.raises(TypeError, match="a request's smoothed must be a smoothed classifier"):
+        list(certify_packed(rs, images(), odd(nn.Identity(), None), 64, seed=0))
+    message = r"a request's key\(seed\) must be an integer in \[0, 2\*\*63\), got -1"
+    with pytest.raises(ValueError, match=message):
+        list(certify_packed(rs, images(), odd(rs, lambda seed: -1), 64, seed=0))
+    with pytest.raises(ValueError, match=r"key\(seed\) must be an integer in"):
+        run_stages(rs, images()[0], odd(rs, lambda seed: 2**63)(), 64, seed=0)

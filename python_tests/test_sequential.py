@@ -183,6 +183,35 @@ def test_sequential_radius_follows_its_draws(method: str) -> None:
             break
     assert result.draws == (n,) * branches and n < max_n
     assert result.prediction == 0 and result.radius == radius(lowers) > 0
+    # The classifier's own certify(sequential=True) is this procedure (at the default looks).
+    pair = smoothed.certify(
+        IMAGE, n0, max_n, alpha, 89, seed=seed, stream=stream, sequential=True, tol=tol
+    )
+    default = certify_sequential(
+        smoothed, IMAGE, n0, max_n, alpha, 89, tol=tol, seed=seed, stream=stream
+    )
+    assert pair == (default.prediction, default.radius)
+
+
+@pytest.mark.parametrize("method", ["rs", "drs"])
+def test_cap_stops_at_the_first_look_that_reaches_it(method: str) -> None:
+    smoothed = rs_pixel(0.95) if method == "rs" else drs_pixel(0.95, 0.9)
+    n0, max_n, alpha, seed, stream = 30, 3000, 0.01, 4, 9
+    common = dict(seed=seed, stream=stream, **LOOKS)
+    uncapped = certify_sequential(smoothed, IMAGE, n0, max_n, alpha, 89, tol=0, **common)
+    cap = uncapped.radius / 2
+    capped = certify_sequential(smoothed, IMAGE, n0, max_n, alpha, 89, tol=0, cap=cap, **common)
+    estimation = reference_votes(smoothed, ESTIMATION_OFFSET, max_n, seed, stream) == 0
+    lowers = np.zeros(estimation.shape[0])
+    for n in look_schedule(max_n, **LOOKS):  # the first look whose radius reaches the cap
+        k = estimation[:, :n].sum(axis=1)
+        lowers = np.maximum(lowers, mixture_lower_bound(k, n, alpha / len(lowers)))
+        if smoothed.radius_from_bounds(lowers) >= cap:
+            break
+    assert capped.draws == (n,) * len(lowers) and sum(capped.draws) < sum(uncapped.draws)
+    assert capped.radius == smoothed.radius_from_bounds(lowers) >= cap
+    with pytest.raises(ValueError, match="cap must be a real number > 0"):
+        certify_sequential(smoothed, IMAGE, n0, max_n, alpha, 89, cap=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +376,7 @@ def test_bad_arguments() -> None:
         RadiusEstimate(RS, 10, 100, 0.01, tol=-1)
     with pytest.raises(ValueError, match="n0 must"):
         RadiusEstimate(RS, 0, 100, 0.01)
-    with pytest.raises(ValueError, match="alpha must"):
+    with pytest.raises(ValueError, match="beta must be in the open interval"):
         RadiusTest(RS, 0.5, 10, 100, 0.01, beta=1.5)
     task = RadiusEstimate(RS, 10, 100, 0.01)
     with pytest.raises(ValueError, match=r"counts must have shape \(branches, classes\)"):

@@ -21,6 +21,7 @@ Every flag also has a spelling that is no prefix of a torchrun option (``--N`` o
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -55,6 +56,17 @@ from .selected import (
     selector_columns,
     selector_method_args,
     validate_selector,
+)
+from .sequential import (
+    SELECTOR_SEQUENTIAL_FIELDS,
+    SEQUENTIAL_FIELDS,
+    SequentialSelector,
+    add_sequential_args,
+    certify_images_sequential,
+    packed_plan,
+    selector_sequential_columns,
+    sequential_method_args,
+    validate_sequential,
 )
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -181,6 +193,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.estimator and args.sigma is not None:
         raise ValueError("--sigma does not apply with --estimator: the levels come from it")
     validate_selector(args)
+    validate_sequential(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,16 +212,26 @@ def run(args: argparse.Namespace) -> int:
         )
         checkpoints = [args.estimator, *args.checkpoint]
         extra_fields, certify_options = ROUTED_FIELDS, {"columns": routed_columns}
+        if args.sequential:  # packed batches across images, both stages sequential
+            extra_fields = (*ROUTED_FIELDS, *SEQUENTIAL_FIELDS)
     elif args.selector:
         smoothed, spec = build_selected(args, device, **model_call_options(args))
         checkpoints = [args.selector, *args.checkpoint]
         method_args, extra_fields = selector_method_args(args), SELECTOR_FIELDS
         certify_options = {"columns": selector_columns, "lam": args.lam, "n_h": args.n_selector}
+        if args.sequential:  # one image at a time, both stages sequential
+            smoothed = SequentialSelector(smoothed, args.tol)
+            extra_fields = SELECTOR_SEQUENTIAL_FIELDS
+            certify_options["columns"] = selector_sequential_columns
     else:
         smoothed, spec = build_smoothed(
             args.checkpoint, args.sigma, device, **model_call_options(args)
         )
         checkpoints = list(args.checkpoint)
+        if args.sequential:  # packed batches across images
+            extra_fields = SEQUENTIAL_FIELDS
+    if args.sequential:
+        method_args = {**(method_args or {}), **sequential_method_args(args)}
     dataset = load_dataset(args.data, args.split, download=args.download)
     if tuple(dataset.input_shape) != tuple(spec.input_shape):
         raise ValueError(
@@ -251,20 +274,27 @@ def run(args: argparse.Namespace) -> int:
     with writer:
         if writer.dropped is not None:
             print(f"{out}: redoing the half-written last line {writer.dropped!r}", file=sys.stderr)
-        certify_images(
+        # The per-image loop of a fixed n, or the packed loop of the sequential procedures.
+        if args.sequential and not args.selector:
+            loop = functools.partial(
+                certify_images_sequential,
+                plan=packed_plan(args, smoothed),
+                columns=certify_options.get("columns"),
+            )
+        else:
+            loop = functools.partial(
+                certify_images, n0=args.n0, n=args.n, alpha=args.alpha, **certify_options
+            )
+        loop(
             smoothed,
             dataset,
             indices,
             writer,
-            n0=args.n0,
-            n=args.n,
-            alpha=args.alpha,
             batch=args.batch,
             seed=args.seed,
             device=device,
             progress=show_progress(args),
             desc=f"certify {out.name}",
-            **certify_options,
         )
         total = len(writer.done)
     what = spec.describe()
@@ -296,6 +326,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "then gives one classifier per level (RS, or DRS pairs) or one for all levels",
     )
     add_selector_args(p)
+    add_sequential_args(p)
     # --N0 / --N: the flag names of Cohen et al.'s certify.py.
     # --num-samples / --max-index: spellings that are no prefix of a torchrun option.
     p.add_argument("--n0", "--N0", type=int, default=100, help="selection draws (default 100)")

@@ -20,6 +20,7 @@ resuming and merging compare them, so rows of two different experiments never sh
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -235,7 +236,8 @@ class TsvWriter:
         *,
         extra: Sequence[float] = (),
     ) -> None:
-        """One row; ``extra`` holds a value per extra column (written with repr: exact)."""
+        """One row; ``extra`` holds a value per extra column (written exactly: an integer as
+        one, anything else as the repr of its float)."""
         if idx <= self.last_idx:
             raise ValueError(f"{self.path}: idx {idx} written after idx {self.last_idx}")
         if len(extra) != len(self.extra_fields):
@@ -243,7 +245,7 @@ class TsvWriter:
                 f"{self.path}: {len(extra)} extra values for the columns {list(self.extra_fields)}"
             )
         line = format_row(idx, label, predict, radius, correct, seconds)
-        line += "".join(f"\t{float(v)!r}" for v in extra)
+        line += "".join(f"\t{_exact_text(v)}" for v in extra)
         self._open()
         self._file.write(line + "\n")
         self._file.flush()
@@ -268,6 +270,12 @@ class TsvWriter:
             self.close()
         else:
             self.abandon()
+
+
+def _exact_text(value: float) -> str:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    return repr(float(value))
 
 
 def merge_tsv(

@@ -113,7 +113,7 @@ class RadiusTest(SequentialTask):
             raise ValueError(f"radii must be strictly increasing, got {radii!r}")
         self.radii = tuple(float(r) for r in grid)
         self.alpha = check_alpha(alpha)
-        self.beta = self.alpha if beta is None else check_alpha(beta)
+        self.beta = self.alpha if beta is None else check_alpha(beta, "beta")
         # Robust at r iff Σ aₚ > s(r) = r·√(Σ σₚ⁻²): σΦ⁻¹(p) > r for RS, §2.4's R > r for DRS.
         self._sums = np.array(self.radii) * math.sqrt(float((self.sigmas**-2).sum()))
         shape = (len(self.sigmas), len(self.radii))

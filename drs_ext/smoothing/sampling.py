@@ -91,9 +91,9 @@ def is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float, name: str = "alpha") -> float:
     if not is_real(alpha) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in the open interval (0, 1), got {alpha!r}")
+        raise ValueError(f"{name} must be in the open interval (0, 1), got {alpha!r}")
     return float(alpha)
 
 
@@ -236,6 +236,8 @@ class BranchSmoothing:
         *,
         seed: int | None = None,
         stream: int = 0,
+        sequential: bool = False,
+        tol: float = 0.01,
     ) -> tuple[int, float]:
         """(class, radius) such that g is constant on the l2 ball of that radius with
         probability at least 1 - alpha, or (ABSTAIN, 0.0).
@@ -244,7 +246,19 @@ class BranchSmoothing:
         branches; fresh estimation draws (their own counter range) then bound each branch's
         probability of ĉ, and the method turns those bounds into a radius. x, seed and stream
         as in `predict`; when no selection draw votes (every logit NaN) it abstains.
+
+        sequential=True: n is the most estimation draws per branch (max_n). They are drawn in
+        growing looks that stop once more draws could raise the radius by at most tol, and
+        the radius comes from anytime-valid confidence sequences, valid at level alpha
+        whatever the stopping time (smoothing/sequential.py).
         """
+        if sequential:
+            from .sequential import certify_sequential  # sequential.py imports this module
+
+            est = certify_sequential(
+                self, x, n0, n, alpha, batch_size, tol=tol, seed=seed, stream=stream
+            )
+            return est.prediction, est.radius
         cert = self.certify_details(x, n0, n, alpha, batch_size, seed=seed, stream=stream)
         return cert.prediction, cert.radius
 

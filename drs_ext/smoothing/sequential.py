@@ -182,8 +182,10 @@ class EstimateResult:
 class RadiusEstimate(SequentialTask):
     """A certified radius from the branches' lower confidence sequences, stopping when the
     radius they would give at max_n, if the votes kept their current frequency, exceeds the
-    current one by at most tol. The stopping rule only saves draws: the radius is valid at
-    level alpha whenever it stops (module docstring)."""
+    current one by at most tol, or once the radius reaches cap (a caller that reports
+    min(radius, cap), as the input-dependent methods do with their σ stage's radius, gains
+    nothing from more draws). The stopping rule only saves draws: the radius is valid at level
+    alpha whenever it stops (module docstring)."""
 
     def __init__(
         self,
@@ -193,6 +195,7 @@ class RadiusEstimate(SequentialTask):
         alpha: float,
         *,
         tol: float = 0.01,
+        cap: float = math.inf,
         first_look: int = FIRST_LOOK,
         growth: float = GROWTH,
         prior: MixturePrior = DEFAULT_PRIOR,
@@ -201,7 +204,10 @@ class RadiusEstimate(SequentialTask):
         self.alpha = check_alpha(alpha)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
             raise ValueError(f"tol must be a real number >= 0, got {tol!r}")
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+            raise ValueError(f"cap must be a real number > 0 (or math.inf), got {cap!r}")
         self.tol = float(tol)
+        self.cap = float(cap)
         self.alpha_branch = self.alpha / len(self.sigmas)  # union bound over the P sequences
         self.lowers = np.zeros(len(self.sigmas))
         self.radius = -math.inf
@@ -212,12 +218,12 @@ class RadiusEstimate(SequentialTask):
         now = mixture_lower_bound(self.votes, self.used, self.alpha_branch, self.prior)
         self.lowers = np.maximum(self.lowers, now)  # the running maximum is valid too
         self.radius = self._radius_from_bounds(self.lowers)
-        if self.used.max() >= self.max_n:
+        if self.used.max() >= self.max_n or self.radius >= self.cap:
             self.finished = True
             return
         at_max = np.rint(self.votes / self.used * self.max_n).astype(np.int64)
         ahead = mixture_lower_bound(at_max, self.max_n, self.alpha_branch, self.prior)
-        projected = self._radius_from_bounds(np.maximum(self.lowers, ahead))
+        projected = min(self._radius_from_bounds(np.maximum(self.lowers, ahead)), self.cap)
         self.finished = max(projected, 0.0) - max(self.radius, 0.0) <= self.tol
 
     def result(self) -> EstimateResult:
@@ -264,6 +270,7 @@ def certify_sequential(
     batch_size: int,
     *,
     tol: float = 0.01,
+    cap: float = math.inf,
     seed: int | None = None,
     stream: int = 0,
     first_look: int = FIRST_LOOK,
@@ -273,7 +280,15 @@ def certify_sequential(
     """`certify` with at most max_n estimation draws per branch, stopping early (RadiusEstimate):
     (prediction, radius) with g constant on the ball with probability >= 1 - alpha."""
     task = RadiusEstimate(
-        smoothed, n0, max_n, alpha, tol=tol, first_look=first_look, growth=growth, prior=prior
+        smoothed,
+        n0,
+        max_n,
+        alpha,
+        tol=tol,
+        cap=cap,
+        first_look=first_look,
+        growth=growth,
+        prior=prior,
     )
     return run(smoothed, x, task, batch_size, seed=seed, stream=stream)
 

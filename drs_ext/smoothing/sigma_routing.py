@@ -176,9 +176,24 @@ class SigmaRoutedClassifier:
         *,
         seed: int | None = None,
         stream: int = 0,
+        sequential: bool = False,
+        tol: float = 0.01,
     ) -> tuple[int, float]:
         """(class, radius) such that g is constant on the l2 ball of that radius with
-        probability at least 1 - alpha, or (ABSTAIN, 0.0). Costs 2 (n0 + n) draws per branch."""
+        probability at least 1 - alpha, or (ABSTAIN, 0.0). Costs 2 (n0 + n) draws per branch.
+
+        sequential=True: n is the most estimation draws per branch and stage (max_n); each
+        stage draws in growing looks that stop once more draws could raise its radius by at most
+        tol, or once that radius could no longer lower min(R_σ, R_c); anytime-valid bounds at
+        alpha/2 per stage (sigma_routing_sequential.RoutedEstimate)."""
+        if sequential:
+            # sigma_routing_sequential imports this module
+            from .sigma_routing_sequential import certify_routed_sequential
+
+            est = certify_routed_sequential(
+                self, x, n0, n, alpha, batch_size, tol=tol, seed=seed, stream=stream
+            )
+            return est.prediction, est.radius
         cert = self.certify_details(x, n0, n, alpha, batch_size, seed=seed, stream=stream)
         return cert.prediction, cert.radius
 

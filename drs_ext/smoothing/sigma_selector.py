@@ -16,6 +16,7 @@ CERTIFY. N_h selector samples give y₍k_l₎ <= G_½(x') <= y₍k_u₎ for all 
 D (drs_ext/median.py). If Q(y₍k_l₎) = Q(y₍k_u₎) = q, Q's monotonicity gives σ(x') = q on the
 whole D-ball, so there g = g_q; certifying g_q at x with radius R_c gives R = min(D, R_c)
 (Sun, Mao, Vechev's argument for a locally constant σ, docs/methods.md §1). Otherwise abstain.
+Both stages sequential, with anytime-valid tests: sigma_selector_sequential.py.
 
 PREDICT. The same with D = 0: [y₍k_l₎, y₍k_u₎] is a confidence interval of G_½(x) itself; if
 both ends quantise to q then σ(x) = q (unless the interval failed) and Cohen et al.'s PREDICT

@@ -1,0 +1,483 @@
+"""σ-selector, sequential CERTIFY (drs_ext/smoothing/sigma_selector_sequential.py).
+
+Oracles: quantize for the level cells; median.py's fixed-n order statistics for the direction
+and strictness of each side's test; drs_ext.reference's noise for the counters; soundness by
+simulation under optional stopping, stage 1 fed with selector outputs of known distribution
+(F(m) placed on the null side of p̲ or p̄) and the whole pipeline through the noise op, each with
+a negative control (the fixed-n binomial test, equivalently the order statistics, recomputed at
+every look at the full level) that the same check must catch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import binomial_ceiling
+from scipy.stats import binom, norm
+from torch import nn
+
+import drs_ext.smoothing.sigma_selector_sequential as seqsel
+from drs_ext import SmoothedClassifier, reference
+from drs_ext.median import (
+    MEDIAN_CERTIFY_OFFSET,
+    MEDIAN_PREDICT_OFFSET,
+    MEDIAN_SELECTION_OFFSET,
+    bounds_from_samples,
+    order_statistic_bounds,
+)
+from drs_ext.smoothing.model_call import ModelCall
+from drs_ext.smoothing.sampling import MAX_DRAWS, BranchSmoothing
+from drs_ext.smoothing.sequential import certify_sequential, look_schedule
+from drs_ext.smoothing.sigma_selector import SigmaSelectorClassifier, quantize
+from drs_ext.smoothing.sigma_selector_sequential import (
+    CERTIFIED,
+    FUTILE,
+    SelectorLevelTest,
+    certify_selector_sequential,
+    level_midpoints,
+)
+from drs_ext.stats import mixture_rejects
+
+IMAGE = torch.zeros(1, 1, 2)  # pixel 0 for the classifier, pixel 1 for the selector
+LOOKS = {"first_look": 8, "growth": 1.5}
+LEVELS = [0.25, 0.5, 1.0]  # midpoints 0.375, 0.75
+SIDE = 0.1  # each side's α in the simulations: large, so that rates show in a few hundred runs
+
+
+class PixelSelector(nn.Module):
+    """h(v, λ) = a + v[pixel 1]: under N(0, s²) noise h(x' + ε) ~ N(a + x'₁, s²), so the
+    medians over the D-ball around IMAGE fill [a − D, a + D]."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = a
+
+    def forward(self, v: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return self.a + v[:, 0, 0, 1]
+
+
+class ConstantSelector(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, v: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return torch.full((v.shape[0],), self.value)
+
+
+class PixelThreshold(nn.Module):
+    """Class 0 when pixel 0 exceeds t: at IMAGE under N(0, σ²) noise P(class 0) = Φ(−t/σ), and
+    g_σ's radius is exactly σΦ⁻¹(P(class 0)) (a half-space)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        margin = v[:, 0, 0, 0] - self.threshold
+        return torch.stack([margin, -margin], dim=1)
+
+
+class Constant(nn.Module):
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([1.0, 0.0]).expand(v.shape[0], 2)
+
+
+def clopper_pearson_rejects(k, n, p0, alpha, alternative="greater", prior=None) -> bool:
+    """The fixed-n one-sided binomial test at the full alpha (the Clopper–Pearson bound clears
+    p0), which is median.py's order-statistic certificate at this n: the negative control."""
+    if alternative == "greater":  # H0: p <= p0
+        return bool(binom.sf(k - 1, n, p0) <= alpha)
+    return bool(binom.cdf(k, n, p0) <= alpha)  # H0: p >= p0
+
+
+def feed(test: SelectorLevelTest, draw) -> seqsel.LevelResult:
+    """Runs stage 1 with draw(num) as the selector's outputs."""
+    while (wanted := test.request()) is not None:
+        test.observe(draw(wanted.draws[0]))
+    return test.result()
+
+
+# ----------------------------------------------------------------------------------------------
+# The cells and the tests' directions
+
+
+def test_midpoints_are_the_cells_of_quantize():
+    levels = [0.1, 0.25, 0.3, 0.55, 1.0]
+    m = level_midpoints(levels)
+    for q, mid in enumerate(m):  # Q(m_q) = q (ties go down), the next float is in cell q + 1
+        assert quantize(mid, levels) == q and quantize(np.nextafter(mid, 2.0), levels) == q + 1
+    values = np.random.default_rng(0).uniform(-1, 2, 5000)
+    edges = np.concatenate([[-np.inf], m, [np.inf]])
+    cells = quantize(values, levels)
+    assert np.all((edges[cells] < values) & (values <= edges[cells + 1]))
+
+
+SAMPLE_SETS = {
+    "normal-inside": lambda rng, n: rng.normal(0.55, 0.05, n),
+    "normal-wide": lambda rng, n: rng.normal(0.55, 0.2, n),
+    "near-lower-edge": lambda rng, n: rng.normal(0.45, 0.06, n),
+    "atoms-on-midpoints": lambda rng, n: rng.choice([0.375, 0.5, 0.75], n, p=[0.05, 0.8, 0.15]),
+    "atoms-above-midpoints": lambda rng, n: rng.choice(
+        np.nextafter([0.375, 0.75], 2.0), n, p=[0.9, 0.1]
+    ),
+}
+
+
+def one_look_level(values: np.ndarray, q: int, budget, noise, a_l, a_u) -> int:
+    """Stage 1 with selection draws that pick q and a single look at `values`."""
+    n = len(values)
+    test = SelectorLevelTest(LEVELS, budget, noise, 3, n, a_l, a_u, first_look=n, beta=1e-12)
+    test.observe(np.full(3, LEVELS[q]))  # the levels lie in their own cells
+    test.observe(values)
+    return test.result().level
+
+
+@pytest.mark.parametrize("name", list(SAMPLE_SETS))
+def test_one_look_agrees_with_the_order_statistics(monkeypatch, name):
+    """At one look of n draws the sides' tests are median.py's condition at this n: with the
+    fixed-n binomial test in place of the mixture, stage 1 certifies q exactly when
+    Q(y₍k_l₎) = Q(y₍k_u₎) = q; the mixture test (anytime-valid, so stricter) certifies only
+    then. This pins the directions and the strict/non-strict cases to median.py's."""
+    rng, config = np.random.default_rng(1), (0.1, 0.5, 0.05, 0.1)  # D, s, α_l, α_u
+    for n in (60, 200, 1000):
+        k_l, k_u = order_statistic_bounds(n, *config)
+        for _ in range(20):
+            values = SAMPLE_SETS[name](rng, n)
+            ends = bounds_from_samples(values, k_l, k_u)
+            low, high = quantize([ends.lower, ends.upper], LEVELS).tolist()
+            for q in range(len(LEVELS)):
+                mixture = one_look_level(values, q, *config) == q
+                with monkeypatch.context() as patch:
+                    patch.setattr(seqsel, "mixture_rejects", clopper_pearson_rejects)
+                    fixed = one_look_level(values, q, *config) == q
+                assert fixed == (low == high == q), (n, q, ends)
+                assert not mixture or fixed
+
+
+# ----------------------------------------------------------------------------------------------
+# Soundness by simulation: stage 1 fed with outputs of a known distribution
+
+
+def boundary_draws(side: str, tau: float = 0.05):
+    """Outputs N(μ, τ²) for LEVELS with D = s (p̲ = Φ(−1), p̄ = Φ(1)) and candidate q = 1:
+    "lower": F(m_0) = p̲ exactly (H0_l: F(m_0) >= p̲ holds) while F(m_1) ≈ 1;
+    "upper": F(m_1) = p̄ − 10⁻¹⁰ (H0_u: F(m_1) < p̄ holds) while F(m_0) ≈ 0.
+    Every certificate rejects a true null: of q = 1 as said, of q = 0 (a selection median below
+    m_0, "lower") the null F(m_0) < p̄, of q = 2 (above m_1, "upper") the null F(m_1) >= p̲."""
+    m = level_midpoints(LEVELS)
+    return m[0] + tau if side == "lower" else m[1] - tau * norm.ppf(norm.cdf(1.0) - 1e-10)
+
+
+def stage_one_false_rate(side: str, reps: int, seed: int = 0) -> float:
+    rng, mu = np.random.default_rng(seed), boundary_draws(side)
+    certified = 0
+    for _ in range(reps):
+        # beta tiny: no futility stop, so every look up to max_n is a chance to err.
+        test = SelectorLevelTest(LEVELS, 0.25, 0.25, 8, 2000, SIDE, SIDE, beta=1e-12, **LOOKS)
+        certified += feed(test, lambda num: rng.normal(mu, 0.05, num)).level >= 0
+    return certified / reps
+
+
+@pytest.mark.parametrize("side", ["lower", "upper"])
+def test_stage_one_false_certificates_at_most_its_alpha(side):
+    assert stage_one_false_rate(side, 1000) <= binomial_ceiling(SIDE, 1000)
+
+
+@pytest.mark.parametrize("side", ["lower", "upper"])
+def test_negative_control_order_statistics_at_every_look(monkeypatch, side):
+    """The fixed-n test (the order statistics) at the full level, recomputed at each of the 15
+    looks, certifies the boundary falsely about 3.5 times as often as its level (0.35 and 0.37
+    at 0.1 in 4000 runs, against 0.056 and 0.045 for the mixture tests), and is caught."""
+    monkeypatch.setattr(seqsel, "mixture_rejects", clopper_pearson_rejects)
+    assert stage_one_false_rate(side, 400) > binomial_ceiling(SIDE, 400)
+
+
+# ----------------------------------------------------------------------------------------------
+# Soundness of the whole pipeline, through the noise op
+
+
+def across_threshold_false_rate(reps: int) -> float:
+    """As test_sigma_selector's fixed-n check: the medians of h over the D-ball fill
+    [0.374, 0.874], across the midpoint 0.375 of the levels (0.25, 0.5), so σ is not constant
+    there and every σ certificate is false; only the lower side can err (F(0.375) = Φ(−0.996),
+    just above p̲ = Φ(−1)), at most α_l = 0.05 (α = 0.2 split α/4 + α/4 + α/2)."""
+    model = SigmaSelectorClassifier(
+        PixelSelector(0.624), Constant(), 2, [0.25, 0.5], selector_noise=0.25, budget=0.25
+    )
+    false = 0
+    for rep in range(reps):
+        cert = certify_selector_sequential(
+            model,
+            IMAGE,
+            1,
+            50,
+            0.2,
+            4096,
+            lam=0.5,
+            n0_h=8,
+            max_n_h=2000,
+            beta=1e-12,
+            stream=rep,
+            **LOOKS,
+        )
+        false += not math.isnan(cert.sigma)
+    return false / reps
+
+
+def test_pipeline_sigma_certificate_across_a_threshold_at_most_alpha_l():
+    assert across_threshold_false_rate(600) <= binomial_ceiling(0.05, 600)
+
+
+def test_pipeline_negative_control_order_statistics_at_every_look(monkeypatch):
+    """0.20 at α_l = 0.05 (1000 runs), against 0.041 for the mixture test (2000 runs)."""
+    monkeypatch.setattr(seqsel, "mixture_rejects", clopper_pearson_rejects)
+    assert across_threshold_false_rate(300) > binomial_ceiling(0.05, 300)
+
+
+def test_pipeline_radius_false_at_most_alpha_c():
+    """σ is certainly constant (level 0.25: the medians over the D-ball fill [−0.775, 0.025],
+    all below the midpoint 0.625, and F(0.625) = Φ(2.5) is far above p̄ = Φ(1)); the classifier
+    at 0.25 has P(class 0) = Φ(1), so g's radius is exactly 0.25 < D = 0.4. A radius above 0.25
+    (or class 1) is false, at most α_c = 0.1 of the time, with tol = 0: every look a chance."""
+    model = SigmaSelectorClassifier(
+        PixelSelector(-0.375),
+        PixelThreshold(-0.25),
+        2,
+        [0.25, 1.0],
+        selector_noise=0.4,
+        budget=0.4,
+    )
+    reps, certs = 150, []
+    for rep in range(reps):
+        certs.append(
+            certify_selector_sequential(
+                model,
+                IMAGE,
+                20,
+                600,
+                0.2,
+                4096,
+                lam=0.5,
+                tol=0.0,
+                seed=rep,
+                stream=rep % 5,
+                **LOOKS,
+            )
+        )
+    assert all(c.sigma == 0.25 for c in certs)  # stage 1 certifies the level every time
+    false = [c.prediction == 1 or (c.prediction == 0 and c.radius > 0.25) for c in certs]
+    assert np.mean(false) <= binomial_ceiling(0.1, reps)
+    assert np.mean([c.prediction == 0 for c in certs]) > 0.5  # not vacuous
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with the fixed-n method; the draws it takes
+
+
+def test_easy_input_certifies_its_level_with_far_fewer_draws():
+    """The selector's output concentrated well inside level 0.25's cell (F(0.625) = Φ(2.5)):
+    the fixed-n method with the documented N_h = 1000 and the sequential one certify the same
+    level and class, the sequential one with under a tenth of the selector draws and, thanks to
+    the cap D, a few hundred classifier draws instead of 100,000, to within tol of the same
+    radius D."""
+    model = SigmaSelectorClassifier(
+        PixelSelector(0.0),
+        PixelThreshold(-0.5),
+        2,
+        [0.25, 1.0],
+        selector_noise=0.25,
+        budget=0.25,
+    )
+    fixed = model.certify_details(IMAGE, 100, 100_000, 0.001, 4096, lam=0.5, n_h=1000, seed=3)
+    seq = certify_selector_sequential(model, IMAGE, 100, 100_000, 0.001, 4096, lam=0.5, seed=3)
+    assert fixed.sigma == seq.sigma == 0.25 and fixed.prediction == seq.prediction == 0
+    assert seq.selector.outcome == CERTIFIED and seq.selector_forward_passes < 100
+    assert fixed.radius == 0.25 and 0.25 - 0.01 <= seq.radius <= 0.25  # D, to within tol
+    assert seq.classifier_forward_passes < 1000
+    assert seq.forward_passes == seq.selector_forward_passes + seq.classifier_forward_passes
+
+
+def test_median_on_a_midpoint_abstains_early():
+    """G_½ = 0.375, the midpoint of (0.25, 0.5): σ changes inside every ball, so no level can be
+    certified; the futility test stops it long before max_n_h, and the fixed-n method abstains
+    too."""
+    model = SigmaSelectorClassifier(
+        PixelSelector(0.375), Constant(), 2, [0.25, 0.5], selector_noise=0.25, budget=0.25
+    )
+    for stream in range(5):
+        seq = certify_selector_sequential(
+            model, IMAGE, 10, 100, 0.001, 4096, lam=0.5, max_n_h=10_000, stream=stream
+        )
+        assert seq.prediction == -1 and seq.radius == 0.0 and math.isnan(seq.sigma)
+        assert seq.selector.outcome == FUTILE and seq.selector.draws < 500
+        assert seq.classifier_forward_passes == 0 and math.isnan(seq.radius_c)
+        fixed = model.certify_details(IMAGE, 10, 100, 0.001, 4096, lam=0.5, stream=stream)
+        assert fixed.prediction == -1
+
+
+@pytest.mark.parametrize(("value", "level"), [(0.375, 0.25), (0.37500003, 0.5)])
+def test_an_output_on_the_midpoint_goes_to_the_lower_level(value, level):
+    """h ≡ 0.375 (exact in float32): σ = Q(0.375) = 0.25 everywhere, and stage 1 certifies it
+    (values equal to m_q count as <= m_q); the next float32 up belongs to 0.5."""
+    model = SigmaSelectorClassifier(
+        ConstantSelector(value), Constant(), 2, [0.25, 0.5], selector_noise=0.25, budget=0.25
+    )
+    cert = certify_selector_sequential(model, IMAGE, 10, 1000, 0.001, 4096, lam=0.5)
+    assert cert.sigma == level == model.levels[int(quantize(np.float32(value), model.levels))]
+    assert cert.prediction == 0 and cert.selector.outcome == CERTIFIED
+
+
+def test_one_level_needs_no_selector_draws():
+    model = SigmaSelectorClassifier(
+        PixelSelector(0.0), Constant(), 2, [0.5], selector_noise=0.25, budget=0.25
+    )
+    cert = certify_selector_sequential(model, IMAGE, 10, 1000, 0.001, 4096, lam=0.5)
+    assert cert.selector_forward_passes == 0 and cert.sigma == 0.5 and cert.prediction == 0
+
+
+def test_stages_follow_their_draws():
+    """Stage 1 recomputed by hand from drs_ext.reference's noise at the documented sample
+    indices (selection from MEDIAN_SELECTION_OFFSET, tests from MEDIAN_CERTIFY_OFFSET, look by
+    look), and stage 2 equal to certify_sequential at α_c with cap D on the certified level."""
+    model = SigmaSelectorClassifier(
+        PixelSelector(0.6), PixelThreshold(-1.0), 2, LEVELS, selector_noise=0.25, budget=0.1
+    )
+    seed, stream, n0_h, max_n_h, alpha = 7, 3, 12, 3000, 0.01
+    cert = certify_selector_sequential(
+        model,
+        IMAGE,
+        30,
+        5000,
+        alpha,
+        97,
+        lam=0.5,
+        n0_h=n0_h,
+        max_n_h=max_n_h,
+        seed=seed,
+        stream=stream,
+        **LOOKS,
+    )
+
+    def outputs(offset: int, num: int) -> np.ndarray:
+        z = reference.standard_normals(seed, stream, 0, torch.arange(num) + offset, 2)
+        return (0.6 + 0.25 * z[:, 1]).numpy().astype(np.float64)
+
+    a_l, a_u, a_c = model.alphas(alpha)
+    p_low, p_high = norm.cdf(-0.1 / 0.25), norm.cdf(0.1 / 0.25)
+    q = int(quantize(np.median(outputs(MEDIAN_SELECTION_OFFSET, n0_h)), LEVELS))
+    m = level_midpoints(LEVELS)
+    y = outputs(MEDIAN_CERTIFY_OFFSET, max_n_h)
+    lower_ok = upper_ok = False
+    for n in look_schedule(max_n_h, **LOOKS):
+        k_l, k_u = int((y[:n] <= m[q - 1]).sum()), int((y[:n] <= m[q]).sum())
+        lower_ok = lower_ok or mixture_rejects(k_l, n, p_low, a_l, "less")
+        upper_ok = upper_ok or mixture_rejects(k_u, n, p_high, a_u, "greater")
+        if lower_ok and upper_ok:
+            break
+    assert q == 1 and lower_ok and upper_ok
+    assert cert.selector.candidate == cert.selector.level == q and cert.selector.draws == n
+    assert cert.selector.n0 == n0_h and cert.sigma == LEVELS[q]
+    direct = certify_sequential(
+        model.smoothed_at(q), IMAGE, 30, 5000, a_c, 97, cap=0.1, seed=seed, stream=stream, **LOOKS
+    )
+    assert (cert.prediction, cert.radius) == (direct.prediction, min(0.1, direct.radius))
+    assert cert.classifier_draws == direct.draws and cert.classifier_n0 == 30
+    assert cert.radius_c == direct.radius and cert.prediction == 0
+
+
+def test_sample_ranges_are_apart():
+    assert MEDIAN_PREDICT_OFFSET + MAX_DRAWS <= MEDIAN_SELECTION_OFFSET
+    assert MEDIAN_SELECTION_OFFSET + MAX_DRAWS <= 2**56
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducibility and errors
+
+
+def test_reproducible_from_seed_and_stream():
+    model = SigmaSelectorClassifier(
+        PixelSelector(0.55), PixelThreshold(-0.2), 2, LEVELS, selector_noise=0.25, budget=0.1
+    )
+    args = (model, IMAGE, 20, 2000, 0.01)
+    a = certify_selector_sequential(*args, 64, lam=0.5, seed=4, stream=2)
+    b = certify_selector_sequential(*args, 1000, lam=0.5, seed=4, stream=2)
+    assert a == b and a.selector.outcome == CERTIFIED and a.lam == 0.5 and a.budget == 0.1
+    others = [certify_selector_sequential(*args, 1000, lam=0.5, seed=4, stream=s) for s in (3, 4)]
+    assert any(o.selector != a.selector for o in others)  # other streams, other draws
+    torch.manual_seed(11)
+    c = certify_selector_sequential(*args, 64, lam=0.5, seed=None)
+    torch.manual_seed(11)
+    assert certify_selector_sequential(*args, 500, lam=0.5, seed=None) == c
+
+
+class NoCalls(nn.Module):
+    def forward(self, v, lam):
+        raise AssertionError("drew selector samples before checking the arguments")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(lam=1.5), ValueError, r"lam \(the selector's λ\) must be a number in \[0, 1\]"),
+        (dict(alpha=0.0), ValueError, "alpha must be in the open interval"),
+        (dict(n0=0), ValueError, "n0 must be an integer >= 1"),
+        (dict(max_n=-5), ValueError, "max_n must be an integer >= 1"),
+        (dict(batch_size=0), ValueError, "batch_size must be an integer >= 1"),
+        (dict(tol=-0.1), ValueError, "tol must be a real number >= 0"),
+        (dict(n0_h=0), ValueError, r"n0_h \(selection draws of the selector\) must be"),
+        (dict(max_n_h=1.5), ValueError, r"max_n_h \(test draws of the selector\) must be"),
+        (dict(beta=1.0), ValueError, r"beta must be a real number in the open interval \(0, 1\)"),
+        (dict(growth=1.0), ValueError, "growth must be a finite real number > 1"),
+        (dict(first_look=0), ValueError, "first_look must be an integer >= 1"),
+        (dict(prior="beta"), ValueError, "prior must be a drs_ext.stats.MixturePrior"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+    model = SigmaSelectorClassifier(
+        NoCalls(), Constant(), 2, LEVELS, selector_noise=0.25, budget=0.25
+    )
+    args = dict(model=model, x=IMAGE, n0=10, max_n=100, alpha=0.01, batch_size=64, lam=0.5)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        certify_selector_sequential(**args)
+
+
+def test_other_errors():
+    with pytest.raises(TypeError, match="model must be a SigmaSelectorClassifier, got Smoothed"):
+        certify_selector_sequential(
+            SmoothedClassifier(Constant(), 2, 0.5), IMAGE, 10, 100, 0.01, 64, lam=0.5
+        )
+
+    def not_rs(level):  # a smoothed classifier that is neither RS nor DRS
+        return BranchSmoothing([Constant()], 2, [level], "none", "neighbors", ModelCall(), False)
+
+    model = SigmaSelectorClassifier(
+        PixelSelector(0.0), not_rs, 2, [0.25, 1.0], selector_noise=0.25, budget=0.25
+    )
+    with pytest.raises(TypeError, match="SmoothedClassifier or a DualSmoothedClassifier"):
+        certify_selector_sequential(model, IMAGE, 10, 100, 0.01, 64, lam=0.5)
+    for kwargs, match in [
+        (dict(levels=[0.5, 0.25]), "levels must be strictly increasing"),
+        (dict(levels=[]), "levels must be a non-empty sequence"),
+        (dict(budget=0.0), r"budget \(D\) must be finite and > 0"),
+        (dict(noise=-1.0), r"noise \(s\) must be finite and > 0"),
+        (dict(budget=2.5), r"budget \(D\) / noise \(s\) = 10 is too large"),
+        (dict(alpha_lower=0.0), "alpha_lower must be a real number in the open interval"),
+        (dict(alpha_upper=True), "alpha_upper must be a real number in the open interval"),
+    ]:
+        args = dict(levels=LEVELS, budget=0.25, noise=0.25, n0=4, max_n=50)
+        args.update(alpha_lower=0.01, alpha_upper=0.01)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            SelectorLevelTest(**args)
+    test = SelectorLevelTest(LEVELS, 0.25, 0.25, 4, 50, 0.01, 0.01)
+    with pytest.raises(RuntimeError, match="before the test finished"):
+        test.result()
+    with pytest.raises(ValueError, match=r"values must be the 4 selector outputs requested"):
+        test.observe(np.zeros(5))
+    with pytest.raises(ValueError, match="values must be finite selector outputs"):
+        test.observe(np.array([0.1, math.nan, 0.2, 0.3]))
