@@ -14,7 +14,7 @@ from test_cli_selector import selector, selector_argv  # noqa: F401  (fixture)
 
 from drs_ext import cli
 from drs_ext.cli import build_parser
-from drs_ext.cli.certify import build_smoothed
+from drs_ext.cli.certify import build_smoothed, validate
 from drs_ext.cli.routed import build_router
 from drs_ext.cli.selected import build_selected
 from drs_ext.io.data import load_dataset
@@ -27,7 +27,7 @@ from drs_ext.smoothing.sigma_routing_sequential import (
     certify_routed_radius,
     certify_routed_sequential,
 )
-from drs_ext.smoothing.sigma_selector_sequential import certify_selector_sequential
+from drs_ext.smoothing.sigma_selector_sequential import MAX_N_H, certify_selector_sequential
 
 # max_n = 3000 lets the confident images stop early and the others run to the end.
 SEQ = ["--n0", "10", "--n", "3000", "--alpha", "0.01", "--no-progress", "--sequential"]
@@ -146,9 +146,13 @@ def test_resume_refuses_other_sequential_settings(workdir, tmp_path, capsys):  #
         (["--sequential", "--tol", "-1"], "--tol must be a finite number >= 0"),
         (["--sequential", "--radii", "0.5", "0.25"], "--radii must be strictly increasing"),
         (["--sequential", "--radii", "0", "nan"], "--radii must be finite numbers >= 0"),
-        (["--sequential", "--beta", "0.01"], "--beta applies to the radius test"),
+        (["--tol", "0.01"], "--tol applies with --sequential only"),
+        (["--sequential", "--beta", "0.01"], "--beta is the level of the radius test's futility"),
+        (["--sequential", "--cuda-graph"], "--cuda-graph does not apply with --sequential"),
+        (["--sequential", "--no-prefetch"], "--no-prefetch does not apply with --sequential"),
         (["--sequential", "--radii", "0", "--beta", "1.5"], "--beta must lie in the open"),
         (["--sequential", "--radii", "0", "--tol", "0.1"], "--tol applies to the radius estimate"),
+        (["--sequential", "--radii", "0", "--tol", "0.01"], "--tol applies to the radius estimate"),
         (
             [
                 "--sequential",
@@ -161,7 +165,7 @@ def test_resume_refuses_other_sequential_settings(workdir, tmp_path, capsys):  #
                 "--radii",
                 "0",
             ],
-            "--radii applies to RS and DRS",
+            "--radii does not apply with --selector",
         ),
     ],
 )
@@ -171,6 +175,20 @@ def test_clear_errors(workdir, tmp_path, capsys, extra, message):  # noqa: F811
     argv = ["certify", "--data", data, "--checkpoint", str(root / "rs" / "model.pt")]
     assert message in error_of(capsys, [*argv, "--no-progress", "--out", str(out), *extra])
     assert not out.exists() and not sidecar_path(out).exists()
+
+
+def test_selector_sample_limit_is_the_most_draws_with_sequential(selector, tmp_path):  # noqa: F811
+    """--n-selector is the most selector draws of a sequential test: any number >= 1 is sound
+    (a fixed N_h must carry the order statistics, test_cli_selector), and it defaults to the
+    library's max_n_h."""
+    argv = ["certify", *selector_argv(selector), "--out", str(tmp_path / "s.tsv")]
+    args = build_parser().parse_args([*argv, "--sequential", "--n-selector", "10"])
+    validate(args)
+    assert args.n_selector == 10
+    args = build_parser().parse_args([a for a in argv if a not in ("--n-selector", "60")])
+    args.sequential = True
+    validate(args)
+    assert args.n_selector == MAX_N_H
 
 
 def test_selector_rows_are_the_sequential_selector(selector, tmp_path, capsys):  # noqa: F811
@@ -220,8 +238,9 @@ def test_routed_rows_are_the_sequential_router(routing, tmp_path, question):  # 
     for row in rows:
         x, _ = dataset[row.idx]
         if question == "radii":
+            # --beta defaults to --alpha, at each stage (the library's default is the stage's α).
             alone = certify_routed_radius(
-                router, x, radii, 10, 3000, 0.01, 64, seed=0, stream=row.idx
+                router, x, radii, 10, 3000, 0.01, 64, beta=0.01, seed=0, stream=row.idx
             )
             assert row.radius == alone.radius
         else:
@@ -233,6 +252,9 @@ def test_routed_rows_are_the_sequential_router(routing, tmp_path, question):  # 
             a == b or (math.isnan(a) and math.isnan(b))
             for a, b in zip(row.extra, expected, strict=True)
         )
+    settings = json.loads(sidecar_path(out).read_text())["settings"]
+    if question == "radii":  # what ran is recorded: beta = alpha
+        assert (settings["radii"], settings["beta"]) == (radii, 0.01)
     # Shards merge into the single run.
     for k in range(2):
         assert (

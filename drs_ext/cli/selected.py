@@ -29,12 +29,14 @@ from ..median import order_statistic_bounds
 from ..models import SELECTOR_ARCHS
 from ..smoothing.sigma_routing import check_levels
 from ..smoothing.sigma_selector import SigmaSelectorClassifier, check_lambda
+from ..smoothing.sigma_selector_sequential import MAX_N_H
 from ..train import SelectorObjective, SelectorTrainer, TrainConfig, UniversalSigma
 from ..train.sigma_selector import load_selector
 from .common import key_values
 from .routed import level_experts
 
 SELECTOR_FIELDS = ("sigma", "sigma_lower", "sigma_upper", "lam")
+N_H = 100  # the fixed-n default of the command line: the demo's N_h
 
 
 def add_selector_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +58,11 @@ def add_selector_args(p: argparse.ArgumentParser) -> None:
         default=0.25,
         help="D: σ is certified constant on this radius, the largest radius certified (0.25)",
     )
-    g.add_argument("--n-selector", type=int, default=100, help="N_h selector samples (100)")
+    g.add_argument(
+        "--n-selector",
+        type=int,
+        help=f"N_h selector samples ({N_H}; with --sequential the most, {MAX_N_H})",
+    )
     g.add_argument(
         "--selector-share", type=float, default=0.5, help="share of α for the selector (0.5)"
     )
@@ -86,8 +92,13 @@ def validate_selector(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be finite and > 0, got {value}")
     if not 0.0 < args.selector_share < 1.0:
         raise ValueError(f"--selector-share must be in (0, 1), got {args.selector_share}")
+    sequential = getattr(args, "sequential", False)
+    if args.n_selector is None:
+        args.n_selector = MAX_N_H if sequential else N_H
     if args.n_selector < 1:
         raise ValueError(f"--n-selector must be an integer >= 1, got {args.n_selector}")
+    if sequential:  # the most draws of a sequential test: any number is sound
+        return
     side = args.selector_share * args.alpha / 2
     try:
         order_statistic_bounds(args.n_selector, args.budget, args.selector_noise, side, side)

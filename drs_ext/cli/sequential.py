@@ -51,6 +51,7 @@ from ..smoothing.sigma_selector_sequential import certify_selector_sequential
 from .common import check_done
 
 SEQUENTIAL_FIELDS = ("samples",)
+DEFAULT_TOL = 0.01
 SELECTOR_SEQUENTIAL_FIELDS = ("sigma", "lam", "selector_samples", "samples")
 
 
@@ -66,8 +67,8 @@ def add_sequential_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tol",
         type=float,
-        default=0.01,
-        help="radius estimate: stop once more draws could raise the radius by at most this (0.01)",
+        help="radius estimate: stop once more draws could raise the radius by at most this "
+        f"({DEFAULT_TOL})",
     )
     g.add_argument(
         "--radii",
@@ -78,40 +79,55 @@ def add_sequential_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--beta",
         type=float,
-        help="--radii: level of the futility test that stops hopeless images (default --alpha)",
+        help="--radii: level of the futility test that stops hopeless images (default --alpha; "
+        "σ-routing: for each stage)",
     )
 
 
 def validate_sequential(args: argparse.Namespace) -> None:
-    """The sequential flags, before anything is loaded."""
-    given = [f"--{f}" for f in ("radii", "beta") if getattr(args, f) is not None]
+    """The sequential flags, before anything is loaded; fills in --tol's default for the radius
+    estimate and --beta's (--alpha) for the radius test, so that what runs is what the settings
+    file records."""
+    given = [f"--{f}" for f in ("tol", "radii", "beta") if getattr(args, f) is not None]
     if not args.sequential:
-        if given or args.tol != 0.01:
-            raise ValueError(f"{(given or ['--tol'])[0]} applies with --sequential only")
+        if given:
+            raise ValueError(f"{given[0]} applies with --sequential only")
         return
+    if args.cuda_graph:
+        raise ValueError(
+            "--cuda-graph does not apply with --sequential: it captures a graph per batch "
+            "shape, and packed batches change shape as images finish"
+        )
+    if args.no_prefetch:
+        raise ValueError(
+            "--no-prefetch does not apply with --sequential: its packed batches draw the noise "
+            "of all their images in one call on the model's stream already"
+        )
     if args.selector and args.radii is not None:
-        raise ValueError("--radii applies to RS and DRS; the σ-selector estimates its radius")
-    if not (math.isfinite(args.tol) and args.tol >= 0):
-        raise ValueError(f"--tol must be a finite number >= 0, got {args.tol}")
+        raise ValueError("--radii does not apply with --selector: the σ-selector estimates R")
     if args.radii is not None:
-        if args.tol != 0.01:
+        if args.tol is not None:
             raise ValueError("--tol applies to the radius estimate; with --radii leave it out")
         if not all(math.isfinite(r) and r >= 0 for r in args.radii):
             raise ValueError(f"--radii must be finite numbers >= 0, got {args.radii}")
         if any(b <= a for a, b in zip(args.radii[:-1], args.radii[1:], strict=True)):
             raise ValueError(f"--radii must be strictly increasing, got {args.radii}")
-    elif args.beta is not None:
-        raise ValueError("--beta applies to the radius test: give --radii too")
-    if args.beta is not None and not 0.0 < args.beta < 1.0:
-        raise ValueError(f"--beta must lie in the open interval (0, 1), got {args.beta}")
+        if args.beta is not None and not 0.0 < args.beta < 1.0:
+            raise ValueError(f"--beta must lie in the open interval (0, 1), got {args.beta}")
+        args.beta = args.alpha if args.beta is None else args.beta
+        return
+    if args.beta is not None:
+        raise ValueError("--beta is the level of the radius test's futility stop: give --radii")
+    args.tol = DEFAULT_TOL if args.tol is None else args.tol
+    if not (math.isfinite(args.tol) and args.tol >= 0):
+        raise ValueError(f"--tol must be a finite number >= 0, got {args.tol}")
 
 
 def sequential_method_args(args: argparse.Namespace) -> dict:
     """What the settings sidecar records (and --resume compares) about the procedure; --n is
     recorded as usual and means the most draws per branch."""
     if args.radii is not None:
-        beta = args.alpha if args.beta is None else args.beta
-        return {"sequential": "radius-test", "radii": list(args.radii), "beta": beta}
+        return {"sequential": "radius-test", "radii": list(args.radii), "beta": args.beta}
     return {"sequential": "radius-estimate", "tol": args.tol}
 
 
