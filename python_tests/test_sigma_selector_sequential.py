@@ -8,6 +8,7 @@ method (SigmaSelectorClassifier.certify) on inputs where both must agree.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from scipy.stats import binom, norm
 from torch import nn
 
+import drs_ext.smoothing.selector_level as selector_level
 import drs_ext.smoothing.sigma_selector_sequential as seqsel
 from drs_ext import SmoothedClassifier, reference
 from drs_ext.median import (
@@ -33,7 +35,10 @@ from drs_ext.smoothing.sigma_selector_sequential import (
     CERTIFIED,
     FUTILE,
     SelectorLevelTest,
+    SelectorTask,
+    certify_selector_packed,
     certify_selector_sequential,
+    level_cells,
     level_midpoints,
 )
 from drs_ext.stats import mixture_rejects
@@ -90,10 +95,15 @@ def clopper_pearson_rejects(k, n, p0, alpha, alternative="greater", prior=None) 
     return bool(binom.cdf(k, n, p0) <= alpha)  # H0: p >= p0
 
 
+def cell_votes(values: np.ndarray, levels=LEVELS) -> np.ndarray:
+    """(1, L) the votes per level cell of selector outputs: the counts of quantize(values)."""
+    return np.bincount(quantize(values, levels), minlength=len(levels))[None]
+
+
 def feed(test: SelectorLevelTest, draw) -> seqsel.LevelResult:
     """Runs stage 1 with draw(num) as the selector's outputs."""
     while (wanted := test.request()) is not None:
-        test.observe(draw(wanted.draws[0]))
+        test.observe(cell_votes(draw(wanted.draws[0]), test.levels))
     return test.result()
 
 
@@ -127,8 +137,8 @@ def one_look_level(values: np.ndarray, q: int, budget, noise, a_l, a_u) -> int:
     """Stage 1 with selection draws that pick q and a single look at `values`."""
     n = len(values)
     test = SelectorLevelTest(LEVELS, budget, noise, 3, n, a_l, a_u, first_look=n, beta=1e-12)
-    test.observe(np.full(3, LEVELS[q]))  # the levels lie in their own cells
-    test.observe(values)
+    test.observe(cell_votes(np.full(3, LEVELS[q])))  # the levels lie in their own cells
+    test.observe(cell_votes(values))
     return test.result().level
 
 
@@ -148,7 +158,7 @@ def test_one_look_agrees_with_the_order_statistics(monkeypatch, name):
             for q in range(len(LEVELS)):
                 mixture = one_look_level(values, q, *config) == q
                 with monkeypatch.context() as patch:
-                    patch.setattr(seqsel, "mixture_rejects", clopper_pearson_rejects)
+                    patch.setattr(selector_level, "mixture_rejects", clopper_pearson_rejects)
                     fixed = one_look_level(values, q, *config) == q
                 assert fixed == (low == high == q), (n, q, ends)
                 assert not mixture or fixed
@@ -248,7 +258,8 @@ def test_stages_follow_their_draws():
 
     a_l, a_u, a_c = model.alphas(alpha)
     p_low, p_high = norm.cdf(-0.1 / 0.25), norm.cdf(0.1 / 0.25)
-    q = int(quantize(np.median(outputs(MEDIAN_SELECTION_OFFSET, n0_h)), LEVELS))
+    lower_median = np.sort(outputs(MEDIAN_SELECTION_OFFSET, n0_h))[(n0_h + 1) // 2 - 1]
+    q = int(quantize(lower_median, LEVELS))
     m = level_midpoints(LEVELS)
     y = outputs(MEDIAN_CERTIFY_OFFSET, max_n_h)
     lower_ok = upper_ok = False
@@ -267,6 +278,49 @@ def test_stages_follow_their_draws():
     assert (cert.prediction, cert.radius) == (direct.prediction, min(0.1, direct.radius))
     assert cert.classifier_draws == direct.draws and cert.classifier_n0 == 30
     assert cert.radius_c == direct.radius and cert.prediction == 0
+
+
+def test_level_cells_vote_the_cells_of_the_fixed_n_samples():
+    """The selector's votes per level cell are the cells of the very outputs the fixed-n method
+    draws (SigmaSelectorClassifier.selector_samples, the same noise at the same indices)."""
+    model = SigmaSelectorClassifier(
+        PixelSelector(0.55), Constant(), 2, LEVELS, selector_noise=0.3, budget=0.1
+    )
+    cells = level_cells(model, 0.5)
+    assert level_cells(model, 0.5) is cells and level_cells(model, 0.25) is not cells
+    for offset, num in ((MEDIAN_SELECTION_OFFSET, 37), (MEDIAN_CERTIFY_OFFSET + 5, 1000)):
+        votes = cells.sample_counts(IMAGE, [num], 64, seed=3, stream=2, offset=offset)
+        values = model.selector_samples(IMAGE, num, 0.5, 64, seed=3, stream=2, offset=offset)
+        assert np.array_equal(votes, cell_votes(values)) and votes[0].min() > 0
+
+
+def shifted(a: float) -> torch.Tensor:
+    """IMAGE with the selector's pixel at a: h's outputs centre on 0.0 + a."""
+    x = IMAGE.clone()
+    x[0, 0, 1] = a
+    return x
+
+
+@pytest.mark.parametrize("batch", [7, 100, 5000])
+def test_packed_equals_one_image_at_a_time(batch):
+    """Images certified at different levels (and one whose level test fails) share the model
+    batches, selector and classifier stages mixed, and each gets its certificate alone."""
+    model = SigmaSelectorClassifier(
+        PixelSelector(0.0), PixelThreshold(-0.3), 2, LEVELS, selector_noise=0.1, budget=0.05
+    )
+    images = [shifted(a) for a in (0.25, 0.55, 1.0, 0.375, 0.6, 0.1)]
+    streams = [11, 4, 9, 0, 2, 7]
+    new_task = functools.partial(SelectorTask, model, 20, 3000, 0.01, lam=0.5, tol=0.02, **LOOKS)
+    packed = list(certify_selector_packed(model, images, new_task, batch, seed=5, streams=streams))
+    alone = [
+        certify_selector_sequential(
+            model, x, 20, 3000, 0.01, 64, lam=0.5, tol=0.02, seed=5, stream=s, **LOOKS
+        )
+        for x, s in zip(images, streams, strict=True)
+    ]
+    assert [p.result for p in packed] == alone and [p.stream for p in packed] == streams
+    assert {c.sigma for c in alone if c.selector.outcome == CERTIFIED} == set(LEVELS)
+    assert any(math.isnan(c.sigma) for c in alone)  # the one on a midpoint
 
 
 def test_sample_ranges_are_apart():
@@ -357,7 +411,11 @@ def test_other_errors():
     test = SelectorLevelTest(LEVELS, 0.25, 0.25, 4, 50, 0.01, 0.01)
     with pytest.raises(RuntimeError, match="before the test finished"):
         test.result()
-    with pytest.raises(ValueError, match=r"values must be the 4 selector outputs requested"):
-        test.observe(np.zeros(5))
-    with pytest.raises(ValueError, match="values must be finite selector outputs"):
-        test.observe(np.array([0.1, math.nan, 0.2, 0.3]))
+    for counts in ([[1, 2, 2]], [[1.0, 3.0, 0.0]], [[5, -1, 0]], [[4, 0]], [4, 0, 0]):
+        with pytest.raises(ValueError, match="counts must be the votes per level cell of the 4"):
+            test.observe(np.array(counts))
+    model = SigmaSelectorClassifier(
+        ConstantSelector(math.nan), Constant(), 2, LEVELS, selector_noise=0.25, budget=0.25
+    )
+    with pytest.raises(ValueError, match="the selector .* gave a non-finite output"):
+        certify_selector_sequential(model, IMAGE, 10, 100, 0.01, 64, lam=0.5)

@@ -26,7 +26,7 @@ from test_sigma_selector_sequential import (
     feed,
 )
 
-import drs_ext.smoothing.sigma_selector_sequential as seqsel
+import drs_ext.smoothing.selector_level as selector_level
 from drs_ext.smoothing.sigma_selector import SigmaSelectorClassifier
 from drs_ext.smoothing.sigma_selector_sequential import (
     SelectorLevelTest,
@@ -70,7 +70,7 @@ def test_negative_control_order_statistics_at_every_look(monkeypatch, side):
     """The fixed-n test (the order statistics) at the full level, recomputed at each of the 15
     looks, certifies the boundary falsely about 3.5 times as often as its level (0.35 and 0.37
     at 0.1 in 4000 runs, against 0.056 and 0.045 for the mixture tests), and is caught."""
-    monkeypatch.setattr(seqsel, "mixture_rejects", clopper_pearson_rejects)
+    monkeypatch.setattr(selector_level, "mixture_rejects", clopper_pearson_rejects)
     assert stage_one_false_rate(side, 400) > binomial_ceiling(SIDE, 400)
 
 
@@ -112,7 +112,7 @@ def test_pipeline_sigma_certificate_across_a_threshold_at_most_alpha_l():
 
 def test_pipeline_negative_control_order_statistics_at_every_look(monkeypatch):
     """0.20 at α_l = 0.05 (1000 runs), against 0.041 for the mixture test (2000 runs)."""
-    monkeypatch.setattr(seqsel, "mixture_rejects", clopper_pearson_rejects)
+    monkeypatch.setattr(selector_level, "mixture_rejects", clopper_pearson_rejects)
     assert across_threshold_false_rate(300) > binomial_ceiling(0.05, 300)
 
 

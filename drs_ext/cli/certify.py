@@ -60,7 +60,6 @@ from .selected import (
 from .sequential import (
     SELECTOR_SEQUENTIAL_FIELDS,
     SEQUENTIAL_FIELDS,
-    SequentialSelector,
     add_sequential_args,
     certify_images_sequential,
     packed_plan,
@@ -219,8 +218,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoints = [args.selector, *args.checkpoint]
         method_args, extra_fields = selector_method_args(args), SELECTOR_FIELDS
         certify_options = {"columns": selector_columns, "lam": args.lam, "n_h": args.n_selector}
-        if args.sequential:  # one image at a time, both stages sequential
-            smoothed = SequentialSelector(smoothed, args.tol)
+        if args.sequential:  # packed batches across images, both stages sequential
             extra_fields = SELECTOR_SEQUENTIAL_FIELDS
             certify_options["columns"] = selector_sequential_columns
     else:
@@ -275,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         if writer.dropped is not None:
             print(f"{out}: redoing the half-written last line {writer.dropped!r}", file=sys.stderr)
         # The per-image loop of a fixed n, or the packed loop of the sequential procedures.
-        if args.sequential and not args.selector:
+        if args.sequential:
             loop = functools.partial(
                 certify_images_sequential,
                 plan=packed_plan(args, smoothed),

@@ -19,9 +19,9 @@ written in index order as images finish, so --resume and --shard work as for a f
 
 With --estimator (σ-routing) each image's two stages run sequentially in the same packed
 batches (sigma_routing_sequential.py); the TSV adds sigma, radius_sigma, radius_c and samples.
-With --selector both stages of the σ-selector run sequentially (sigma_selector_sequential.py;
---n-selector is then the most selector draws), one image at a time; the TSV adds sigma, lam,
-selector_samples and samples.
+With --selector both stages of the σ-selector run sequentially in the same packed batches
+(sigma_selector_sequential.py; --n-selector is then the most selector draws); the TSV adds
+sigma, lam, selector_samples and samples.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from ..smoothing.sigma_routing_sequential import (
     certify_routed_packed,
 )
 from ..smoothing.sigma_selector import SigmaSelectorClassifier
-from ..smoothing.sigma_selector_sequential import certify_selector_sequential
+from ..smoothing.sigma_selector_sequential import SelectorTask, certify_selector_packed
 from .common import check_done
 
 SEQUENTIAL_FIELDS = ("samples",)
@@ -132,7 +132,19 @@ def sequential_method_args(args: argparse.Namespace) -> dict:
 
 
 def packed_plan(args: argparse.Namespace, smoothed: object) -> tuple[Callable, Callable]:
-    """(the packed certifier, a fresh task per image) for RS, DRS or σ-routing."""
+    """(the packed certifier, a fresh task per image) for RS, DRS, σ-routing or the σ-selector."""
+    if isinstance(smoothed, SigmaSelectorClassifier):  # validate_sequential refuses --radii
+        task = functools.partial(
+            SelectorTask,
+            smoothed,
+            args.n0,
+            args.n,
+            args.alpha,
+            lam=args.lam,
+            max_n_h=args.n_selector,
+            tol=args.tol,
+        )
+        return certify_selector_packed, task
     if isinstance(smoothed, SigmaRoutedClassifier):
         packer, estimate, test = certify_routed_packed, RoutedEstimate, RoutedRadiusTest
     elif isinstance(smoothed, (SmoothedClassifier, DualSmoothedClassifier)):
@@ -148,36 +160,10 @@ def packed_plan(args: argparse.Namespace, smoothed: object) -> tuple[Callable, C
     return packer, task
 
 
-class SequentialSelector:
-    """The σ-selector's CERTIFY with both stages sequential, in the shape certify_images calls
-    (certify_details with lam and n_h, the latter the most selector draws)."""
-
-    def __init__(self, model: SigmaSelectorClassifier, tol: float) -> None:
-        self.model, self.tol = model, tol
-
-    def settings(self) -> dict:
-        return self.model.settings()
-
-    def certify_details(self, x, n0, n, alpha, batch_size, *, seed, stream, lam, n_h):
-        return certify_selector_sequential(
-            self.model,
-            x,
-            n0,
-            n,
-            alpha,
-            batch_size,
-            lam=lam,
-            max_n_h=n_h,
-            tol=self.tol,
-            seed=seed,
-            stream=stream,
-        )
-
-
-def selector_sequential_columns(cert) -> tuple[float, float, int, int]:
-    """SELECTOR_SEQUENTIAL_FIELDS of a row: the level certified constant on the D-ball (nan
-    when none was), λ, the selector's forward passes and all forward passes."""
-    return (cert.sigma, cert.lam, cert.selector_forward_passes, cert.forward_passes)
+def selector_sequential_columns(cert) -> tuple[float, float, int]:
+    """SELECTOR_SEQUENTIAL_FIELDS of a row but the last (samples, which the loop adds): the level
+    certified constant on the D-ball (nan when none was), λ, the selector's forward passes."""
+    return (cert.sigma, cert.lam, cert.selector_forward_passes)
 
 
 def certify_images_sequential(
