@@ -357,6 +357,30 @@ def test_clear_answers_stop_early() -> None:
     assert capped.prediction == ABSTAIN and capped.radius == 0.0
 
 
+class AllNaN(nn.Module):
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.full((v.shape[0], 2), math.nan)
+
+
+@pytest.mark.parametrize("method", ["rs", "drs"])
+def test_no_selection_vote_abstains_without_estimation_draws(method: str) -> None:
+    """Every logit NaN: no selection draw votes, and both procedures abstain at once, as the
+    fixed-n certify does, instead of testing an arbitrary class."""
+    if method == "rs":
+        smoothed = SmoothedClassifier(AllNaN(), 2, 0.5)
+    else:
+        smoothed = DualSmoothedClassifier(AllNaN(), AllNaN(), 2, 0.35)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        assert smoothed.certify(IMAGE, 16, 1000, 0.01, 64, seed=0) == (ABSTAIN, 0.0)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        estimate = certify_sequential(smoothed, IMAGE, 16, 1000, 0.01, 64, seed=0)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        test = certify_radius(smoothed, IMAGE, [0.0, 0.5], 16, 1000, 0.01, 64, seed=0)
+    assert (estimate.prediction, estimate.radius, sum(estimate.draws)) == (ABSTAIN, 0.0, 0)
+    assert (test.prediction, test.radius, sum(test.draws)) == (ABSTAIN, 0.0, 0)
+    assert test.outcomes == (UNDECIDED, UNDECIDED)
+
+
 def test_certified_accuracy() -> None:
     results = [(0, 0.7), (1, 0.3), (ABSTAIN, 0.0), (2, 0.2)]
     np.testing.assert_allclose(

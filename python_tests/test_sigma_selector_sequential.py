@@ -264,13 +264,17 @@ def test_stages_follow_their_draws():
     y = outputs(MEDIAN_CERTIFY_OFFSET, max_n_h)
     lower_ok = upper_ok = False
     for n in look_schedule(max_n_h, **LOOKS):
-        k_l, k_u = int((y[:n] <= m[q - 1]).sum()), int((y[:n] <= m[q]).sum())
-        lower_ok = lower_ok or mixture_rejects(k_l, n, p_low, a_l, "less")
-        upper_ok = upper_ok or mixture_rejects(k_u, n, p_high, a_u, "greater")
+        if not lower_ok:  # each side's count stops at the look where its test rejects
+            k_l = int((y[:n] <= m[q - 1]).sum())
+            lower_ok = mixture_rejects(k_l, n, p_low, a_l, "less")
+        if not upper_ok:
+            k_u = int((y[:n] <= m[q]).sum())
+            upper_ok = mixture_rejects(k_u, n, p_high, a_u, "greater")
         if lower_ok and upper_ok:
             break
     assert q == 1 and lower_ok and upper_ok
     assert cert.selector.candidate == cert.selector.level == q and cert.selector.draws == n
+    assert (cert.selector.below_lower, cert.selector.below_upper) == (k_l, k_u)
     assert cert.selector.n0 == n0_h and cert.sigma == LEVELS[q]
     direct = certify_sequential(
         model.smoothed_at(q), IMAGE, 30, 5000, a_c, 97, cap=0.1, seed=seed, stream=stream, **LOOKS

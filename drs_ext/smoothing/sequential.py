@@ -139,6 +139,8 @@ class SequentialTask:
         if self.c_hat is None:
             self.c_hat = int(counts.sum(axis=0).argmax())
             self._start(counts[:, self.c_hat])
+            # No selection draw voted (every logit NaN): abstain, as the fixed-n certify does.
+            self.finished |= not counts.any()
         else:
             self.votes += counts[:, self.c_hat]
             self.used += np.asarray(self._next.draws)
