@@ -177,7 +177,10 @@ def test_sequential_radius_follows_its_draws(method: str) -> None:
     for n in look_schedule(max_n, **LOOKS):
         k = estimation[:, :n].sum(axis=1)
         lowers = np.maximum(lowers, mixture_lower_bound(k, n, alpha / branches))
-        at_max = np.rint(k / n * max_n).astype(int)
+        # From the frequency once certified; from the upper bound (at alpha) while abstaining.
+        upper = 1 - mixture_lower_bound(n - k, n, alpha / branches)
+        frequency = k / n if radius(lowers) > 0 else upper
+        at_max = np.rint(frequency * max_n).astype(int)
         ahead = radius(np.maximum(lowers, mixture_lower_bound(at_max, max_n, alpha / branches)))
         if n == max_n or ahead - radius(lowers) <= tol:
             break
@@ -191,6 +194,29 @@ def test_sequential_radius_follows_its_draws(method: str) -> None:
         smoothed, IMAGE, n0, max_n, alpha, 89, tol=tol, seed=seed, stream=stream
     )
     assert pair == (default.prediction, default.radius)
+
+
+def test_unlucky_early_draws_do_not_end_an_image_as_an_abstention() -> None:
+    """Votes for ĉ at half the early draws project to an abstention at max_n, but the upper
+    confidence bound says more draws may certify: the image goes on, and certifies once its
+    votes come in at its true rate; an image whose upper bound falls short stops early."""
+    unlucky = RadiusEstimate(rs_pixel(0.8), 30, 3000, 0.01, tol=0.01, **LOOKS)
+    unlucky.observe(np.array([[30, 0]]))  # selection: ĉ = 0
+    unlucky.observe(np.array([[4, 4]]))  # the first look, 8 draws
+    assert unlucky.radius <= 0 and unlucky.request() is not None
+    while (wanted := unlucky.request()) is not None:
+        votes = round(0.8 * wanted.draws[0])
+        unlucky.observe(np.array([[votes, wanted.draws[0] - votes]]))
+    assert unlucky.result().prediction == 0 and unlucky.result().radius > 0
+    hopeless = RadiusEstimate(rs_pixel(0.3), 30, 3000, 0.01, tol=0.01, **LOOKS)
+    hopeless.observe(np.array([[30, 0]]))
+    while (wanted := hopeless.request()) is not None:
+        votes = round(0.3 * wanted.draws[0])
+        hopeless.observe(np.array([[votes, wanted.draws[0] - votes]]))
+    result = hopeless.result()
+    assert result.prediction == ABSTAIN and result.draws[0] < 300
+    with pytest.raises(ValueError, match="beta must be in the open interval"):
+        RadiusEstimate(rs_pixel(0.3), 30, 3000, 0.01, beta=1.5)
 
 
 @pytest.mark.parametrize("method", ["rs", "drs"])

@@ -186,8 +186,11 @@ class RadiusEstimate(SequentialTask):
     radius they would give at max_n, if the votes kept their current frequency, exceeds the
     current one by at most tol, or once the radius reaches cap (a caller that reports
     min(radius, cap), as the input-dependent methods do with their σ stage's radius, gains
-    nothing from more draws). The stopping rule only saves draws: the radius is valid at level
-    alpha whenever it stops (module docstring)."""
+    nothing from more draws). While the radius is <= 0 (the image would abstain) the projection
+    starts from each branch's upper confidence bound at level beta/P (default alpha/P) instead
+    of the frequency, so that a few unlucky early draws do not end an image that more draws
+    would certify. The stopping rule only saves draws: the radius is valid at level alpha
+    whenever it stops (module docstring)."""
 
     def __init__(
         self,
@@ -198,12 +201,14 @@ class RadiusEstimate(SequentialTask):
         *,
         tol: float = 0.01,
         cap: float = math.inf,
+        beta: float | None = None,
         first_look: int = FIRST_LOOK,
         growth: float = GROWTH,
         prior: MixturePrior = DEFAULT_PRIOR,
     ) -> None:
         super().__init__(smoothed, n0, max_n, first_look, growth, prior)
         self.alpha = check_alpha(alpha)
+        beta = self.alpha if beta is None else check_alpha(beta, "beta")
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
             raise ValueError(f"tol must be a real number >= 0, got {tol!r}")
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
@@ -211,6 +216,7 @@ class RadiusEstimate(SequentialTask):
         self.tol = float(tol)
         self.cap = float(cap)
         self.alpha_branch = self.alpha / len(self.sigmas)  # union bound over the P sequences
+        self.beta_branch = beta / len(self.sigmas)  # the stopping rule's: spends no alpha
         self.lowers = np.zeros(len(self.sigmas))
         self.radius = -math.inf
         # The method's own radius of its branch bounds (§2.4): σΦ⁻¹(p̲) for RS, DRS's formula.
@@ -223,7 +229,12 @@ class RadiusEstimate(SequentialTask):
         if self.used.max() >= self.max_n or self.radius >= self.cap:
             self.finished = True
             return
-        at_max = np.rint(self.votes / self.used * self.max_n).astype(np.int64)
+        if self.radius > 0:
+            frequency = self.votes / self.used
+        else:  # abstaining so far: only an optimistic projection may confirm it
+            misses = self.used - self.votes
+            frequency = 1.0 - mixture_lower_bound(misses, self.used, self.beta_branch, self.prior)
+        at_max = np.rint(frequency * self.max_n).astype(np.int64)
         ahead = mixture_lower_bound(at_max, self.max_n, self.alpha_branch, self.prior)
         projected = min(self._radius_from_bounds(np.maximum(self.lowers, ahead)), self.cap)
         self.finished = max(projected, 0.0) - max(self.radius, 0.0) <= self.tol
@@ -273,6 +284,7 @@ def certify_sequential(
     *,
     tol: float = 0.01,
     cap: float = math.inf,
+    beta: float | None = None,
     seed: int | None = None,
     stream: int = 0,
     first_look: int = FIRST_LOOK,
@@ -288,6 +300,7 @@ def certify_sequential(
         alpha,
         tol=tol,
         cap=cap,
+        beta=beta,
         first_look=first_look,
         growth=growth,
         prior=prior,
