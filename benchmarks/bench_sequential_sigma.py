@@ -13,7 +13,8 @@ Procedures (alpha = 0.001, n0 = 100, n = 100,000 per stage, seed 0, the test dig
 - σ-routing: fixed n (α/2 per stage), then `--sequential` (radius estimate, tol 0.01, n the
   most draws per stage) and `--sequential --radii` on the accuracy grid;
 - σ-selector: fixed N_h = 1000 selector draws (α/4 + α/4) and n, then `--sequential` with at
-  most 1000 selector draws and n classifier draws (tol 0.01).
+  most 1000 selector draws and n classifier draws (tol 0.01), and with at most 5000 selector
+  draws (an anytime-valid test needs more draws than a fixed-n one for the same answer).
 Forward passes: the sequential TSVs' `samples` column; for a fixed n, n0 + n per stage that ran
 (the classifier stage runs only when the first stage certified its σ).
 """
@@ -38,6 +39,7 @@ RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
 LEVELS = ["0.25", "0.5", "1.0"]
 MODELS = ("router/estimator.pt", "rs_0.25/model.pt", "rs/model.pt", "rs_1/model.pt")
 SELECTOR = ("selector/selector.pt", "universal/model.pt")
+N_H = 1000  # the fixed-n selector draws (and the sequential ones' most, but for the last row)
 
 
 def procedures(models: Path) -> list[tuple[str, str, list[str]]]:
@@ -47,7 +49,7 @@ def procedures(models: Path) -> list[tuple[str, str, list[str]]]:
     routed = ["--estimator", estimator, "--checkpoint", *experts]
     selected = ["--selector", selector, "--checkpoint", universal, "--lam", "0.5"]
     selected += ["--levels", *LEVELS, "--budget", "0.25", "--selector-noise", "0.25"]
-    selected += ["--n-selector", "1000"]
+    selected += ["--n-selector", str(N_H)]
     grid = ["--radii", *map(str, RADII)]
     return [
         ("σ-routing", "fixed n", routed),
@@ -55,6 +57,11 @@ def procedures(models: Path) -> list[tuple[str, str, list[str]]]:
         ("σ-routing", "sequential certify at r (grid)", [*routed, "--sequential", *grid]),
         ("σ-selector", "fixed N_h, n", selected),
         ("σ-selector", "sequential estimate, tol 0.01", [*selected, "--sequential"]),
+        (
+            "σ-selector",
+            "sequential estimate, tol 0.01, N_h <= 5000",
+            [*selected[:-1], "5000", "--sequential"],
+        ),
     ]
 
 
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - clock
         rows = read_tsv(out)
         header = out.read_text().splitlines()[0].split("\t")[6:]
-        passes = forward_passes(method, rows, header, args.n0, args.n, 1000)
+        passes = forward_passes(method, rows, header, args.n0, args.n, N_H)
         baseline.setdefault(method, passes)
         accuracy = [np.mean([r.correct and r.radius >= t for r in rows]) for t in RADII]
         acr = np.mean([r.radius if r.correct else 0.0 for r in rows])

@@ -196,6 +196,17 @@ def test_sequential_radius_follows_its_draws(method: str) -> None:
     assert pair == (default.prediction, default.radius)
 
 
+@pytest.mark.parametrize(("p", "cap", "tol"), [(0.99, 0.6, 0.2), (0.999, 0.8, 0.3)])
+def test_a_cap_within_reach_is_reached(p: float, cap: float, tol: float) -> None:
+    """With a large tol the radius is within tol of the cap early on, but the projection clears
+    the cap by more than tol: the image draws on until its radius reaches the cap (callers
+    report min(radius, cap)), as a fixed n that reaches it would (stopping within tol of the
+    cap, these runs would end at radius 0.47 and 0.59)."""
+    common = dict(tol=tol, cap=cap, seed=1, stream=2, **LOOKS)
+    capped = certify_sequential(rs_pixel(p), IMAGE, 30, 5000, 0.01, 500, **common)
+    assert capped.radius >= cap and capped.draws[0] < 5000
+
+
 def test_unlucky_early_draws_do_not_end_an_image_as_an_abstention() -> None:
     """Votes for ĉ at half the early draws project to an abstention at max_n, but the upper
     confidence bound says more draws may certify: the image goes on, and certifies once its

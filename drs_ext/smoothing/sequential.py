@@ -186,11 +186,12 @@ class RadiusEstimate(SequentialTask):
     radius they would give at max_n, if the votes kept their current frequency, exceeds the
     current one by at most tol, or once the radius reaches cap (a caller that reports
     min(radius, cap), as the input-dependent methods do with their σ stage's radius, gains
-    nothing from more draws). While the radius is <= 0 (the image would abstain) the projection
-    starts from each branch's upper confidence bound at level beta/P (default alpha/P) instead
-    of the frequency, so that a few unlucky early draws do not end an image that more draws
-    would certify. The stopping rule only saves draws: the radius is valid at level alpha
-    whenever it stops (module docstring)."""
+    nothing from more draws; while that projection clears the cap by more than tol, the image
+    draws on until it reaches the cap). While the radius is <= 0 (the image would abstain)
+    the projection starts from each branch's upper confidence bound at level beta/P (default
+    alpha/P) instead of the frequency, so that a few unlucky early draws do not end an image
+    that more draws would certify. The stopping rule only saves draws: the radius is valid at
+    level alpha whenever it stops (module docstring)."""
 
     def __init__(
         self,
@@ -236,8 +237,12 @@ class RadiusEstimate(SequentialTask):
             frequency = 1.0 - mixture_lower_bound(misses, self.used, self.beta_branch, self.prior)
         at_max = np.rint(frequency * self.max_n).astype(np.int64)
         ahead = mixture_lower_bound(at_max, self.max_n, self.alpha_branch, self.prior)
-        projected = min(self._radius_from_bounds(np.maximum(self.lowers, ahead)), self.cap)
-        self.finished = max(projected, 0.0) - max(self.radius, 0.0) <= self.tol
+        reach = self._radius_from_bounds(np.maximum(self.lowers, ahead))
+        # A cap that the projection clears by more than tol is worth reaching: the caller
+        # reports min(radius, cap), which a fixed n that reaches the cap would beat.
+        if reach >= self.cap + self.tol:
+            return
+        self.finished = max(min(reach, self.cap), 0.0) - max(self.radius, 0.0) <= self.tol
 
     def result(self) -> EstimateResult:
         if not self.finished:
