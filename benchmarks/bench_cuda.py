@@ -24,7 +24,6 @@ so and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import sys
 import time
@@ -32,7 +31,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from common import RESULTS, write_section
+from common import RESULTS, provenance, write_section
 from torch import nn
 
 import drs_ext
@@ -326,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print("(a, b) noisy views")
     views = bench_views(args, copy_bw)
     header = (
-        f"Date: {datetime.date.today().isoformat()}  \nDevice: {device}  \n"
-        f"Command: `{command}`  \nKernel times are medians of {args.repeats} CUDA-event "
+        provenance(device, command) + f"  \nKernel times are medians of {args.repeats} CUDA-event "
         f"timings after {args.warmup} warm-up runs, both pipelines timed alternately in the "
         f"same run. Check: max |CUDA - CPU| of the op = {diff:.1e}. Device-to-device copy "
         f"bandwidth: {copy_bw / 1e9:.0f} GB/s (bytes read + written / time, 1 GiB copy)."

@@ -19,12 +19,11 @@ other sections of that file.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import sys
 
 import torch
-from common import RESULTS, write_section
+from common import RESULTS, provenance, write_section
 from torch import nn
 
 import drs_ext
@@ -234,8 +233,7 @@ def main() -> None:
 
     body = "\n\n".join(
         [
-            f"Date: {datetime.date.today().isoformat()}  \nDevice: {device}  \n"
-            f"Command: `{command}`  \nsigma = {SIGMA}; each figure is the median of "
+            provenance(device, command) + f"  \nsigma = {SIGMA}; each figure is the median of "
             f"{args.repeats} runs after {args.warmup} warm-up runs, both pipelines timed "
             "alternately in the same run. Ratio = plain / drs_ext.",
             "### (a) Noisy views\n\n"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import functools
 import math
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import write_section
+from common import markdown, provenance, write_section
 
 from drs_ext import DualSmoothedClassifier, SmoothedClassifier
 from drs_ext.cli.bench import device_description
@@ -204,11 +203,6 @@ def acr(results: list[tuple], labels: list[int]) -> float:
     )
 
 
-def markdown(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=20, help="test digits, spread over the split")
@@ -254,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bench_sequential.py " + " ".join(argv or sys.argv[1:])
     text = "\n\n".join(
         [
-            f"Date: {datetime.date.today()}  \nDevice: {device_description('cpu')}  \n"
-            f"Command: `{command.strip()}`  \nRun time: {minutes:.1f} min",
+            provenance(device_description("cpu"), command.strip(), minutes),
             f"{args.images} test digits (indices spread over the split), the digits demo's models "
             f"(RS σ = {SIGMA}, DRS σ = {SIGMA / math.sqrt(2):.3f} per branch), alpha = "
             f"{args.alpha:g} everywhere, n0 = {args.n0}, batches of {args.batch}; sequential "

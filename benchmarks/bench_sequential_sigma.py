@@ -22,18 +22,18 @@ Forward passes: the sequential TSVs' `samples` column; for a fixed n, n0 + n per
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from common import write_section
+from common import markdown, provenance, write_section
 
 from drs_ext import cli
 from drs_ext.cli.bench import device_description
 from drs_ext.io.results import read_tsv
+from drs_ext.smoothing.sequential import certified_accuracy
 
 RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
 LEVELS = ["0.25", "0.5", "1.0"]
@@ -65,13 +65,13 @@ def procedures(models: Path) -> list[tuple[str, str, list[str]]]:
     ]
 
 
-def forward_passes(method: str, rows, header: list[str], n0: int, n: int, n_h: int) -> float:
+def forward_passes(method: str, rows, columns: list[str], n0: int, n: int, n_h: int) -> float:
     """Mean forward passes per image: the samples column, or the fixed-n cost of the stages that
     ran (stage 2 runs when the TSV's sigma is not nan)."""
-    if "samples" in header:
+    if "samples" in columns:
         return float(np.mean([r.extra[-1] for r in rows]))
     first = n0 + n if method == "σ-routing" else n_h
-    ran = [not math.isnan(r.extra[header.index("sigma")]) for r in rows]
+    ran = [not math.isnan(r.extra[columns.index("sigma")]) for r in rows]
     return float(np.mean([first + (n0 + n) * second for second in ran]))
 
 
@@ -105,26 +105,26 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         seconds = time.perf_counter() - clock
         rows = read_tsv(out)
-        header = out.read_text().splitlines()[0].split("\t")[6:]
-        passes = forward_passes(method, rows, header, args.n0, args.n, N_H)
+        columns = out.read_text().splitlines()[0].split("\t")[6:]  # the extra columns
+        passes = forward_passes(method, rows, columns, args.n0, args.n, N_H)
         baseline.setdefault(method, passes)
-        accuracy = [np.mean([r.correct and r.radius >= t for r in rows]) for t in RADII]
+        labels = [r.label for r in rows]
+        accuracy = certified_accuracy([(r.predict, r.radius) for r in rows], labels, RADII)
         acr = np.mean([r.radius if r.correct else 0.0 for r in rows])
         table.append(
-            f"| {method} | {name} | {passes:,.0f} | {baseline[method] / passes:.1f}x | "
-            f"{1000 * seconds / len(rows):,.0f} | "
-            + " | ".join(f"{100 * a:.1f}" for a in accuracy)
-            + f" | {'—' if 'grid' in name else f'{acr:.3f}'} |"
+            [method, name, f"{passes:,.0f}", f"{baseline[method] / passes:.1f}x"]
+            + [f"{1000 * seconds / len(rows):,.0f}"]
+            + [f"{100 * a:.1f}" for a in accuracy]
+            + ["—" if "grid" in name else f"{acr:.3f}"]
         )
-        print(table[-1], file=sys.stderr)
-    header = "| method | procedure | forward passes / image | fewer | ms / image | "
-    header += " | ".join(f"acc @ {r:g}" for r in RADII) + " | ACR |\n|" + "---|" * 11
+        print(" | ".join(table[-1]), file=sys.stderr)
+    header = ["method", "procedure", "forward passes / image", "fewer", "ms / image"]
+    header += [f"acc @ {r:g}" for r in RADII] + ["ACR"]
     minutes = (time.perf_counter() - started) / 60
     command = "python benchmarks/bench_sequential_sigma.py " + " ".join(argv or sys.argv[1:])
     text = "\n\n".join(
         [
-            f"Date: {datetime.date.today()}  \nDevice: {device_description('cpu')}  \n"
-            f"Command: `{command.strip()}`  \nRun time: {minutes:.1f} min",
+            provenance(device_description("cpu"), command.strip(), minutes),
             f"{len(rows)} test digits (every {args.skip}th), the digits demo's models; alpha = "
             f"{args.alpha:g}, n0 = {args.n0}, n = {args.n:,} per stage (the most, for the "
             "sequential runs), batches of "
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             "sequential). 'fewer' = the fixed-n procedure's forward passes / this one's; "
             "accuracy in %; ms / image from the run's wall time. The σ-selector certifies at "
             "most D = 0.25.",
-            header + "\n" + "\n".join(table),
+            markdown(header, table),
         ]
     )
     print(text)

@@ -7,10 +7,11 @@ same things the same way.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 
-__all__ = ["RESULTS", "write_section"]
+__all__ = ["RESULTS", "markdown", "provenance", "write_section"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -32,3 +33,16 @@ def write_section(title: str, body: str, path: str = RESULTS) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text.rstrip() + "\n")
     os.replace(path + ".tmp", path)
+
+
+def provenance(device: str, command: str, minutes: float | None = None) -> str:
+    """The lines that open a section: date, device and command (and run time, if given), as
+    markdown lines with hard breaks."""
+    text = f"Date: {datetime.date.today().isoformat()}  \nDevice: {device}  \nCommand: `{command}`"
+    return text if minutes is None else f"{text}  \nRun time: {minutes:.1f} min"
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])

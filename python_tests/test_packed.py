@@ -16,8 +16,8 @@ from torch import nn
 import drs_ext.smoothing.packed as packed
 from drs_ext import DualSmoothedClassifier, SmoothedClassifier
 from drs_ext.smoothing.at_radius import RadiusTest
-from drs_ext.smoothing.packed import StageRequest, certify_packed, run_stages
-from drs_ext.smoothing.sequential import RadiusEstimate, run
+from drs_ext.smoothing.packed import certify_packed
+from drs_ext.smoothing.sequential import RadiusEstimate, StageRequest, run
 
 # Class 0 with probability Φ((x[0, 0, 0] − 0.2)/σ) on RS / branch l, Φ((x[0, 0, 1] − 0.1)/σᵣ)
 # on branch r: images with pixels spread around the thresholds are easy, hard or hopeless.
@@ -165,7 +165,7 @@ def test_stage_requests_draw_from_their_classifier_and_key(monkeypatch) -> None:
         else run(drs, x, other(), 1000, seed=8, stream=i)
         for i, x in enumerate(images())
     ]
-    assert run_stages(rs, images()[0], Borrowed(other(), drs), 1000, seed=7) == alone[0]
+    assert run(rs, images()[0], Borrowed(other(), drs), 1000, seed=7) == alone[0]
     calls, batch = [], [0]
     for smoothed in (rs, drs):
         for branch in smoothed.branches:
@@ -205,4 +205,4 @@ def test_bad_stage_requests() -> None:
     with pytest.raises(ValueError, match=message):
         list(certify_packed(rs, images(), odd(rs, lambda seed: -1), 64, seed=0))
     with pytest.raises(ValueError, match=r"key\(seed\) must be an integer in"):
-        run_stages(rs, images()[0], odd(rs, lambda seed: 2**63)(), 64, seed=0)
+        run(rs, images()[0], odd(rs, lambda seed: 2**63)(), 64, seed=0)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import binom, norm
+from test_sigma_selector import IMAGE, Constant, PixelSelector
 from torch import nn
 
 import drs_ext.smoothing.selector_level as selector_level
@@ -43,21 +44,8 @@ from drs_ext.smoothing.sigma_selector_sequential import (
 )
 from drs_ext.stats import mixture_rejects
 
-IMAGE = torch.zeros(1, 1, 2)  # pixel 0 for the classifier, pixel 1 for the selector
 LOOKS = {"first_look": 8, "growth": 1.5}
 LEVELS = [0.25, 0.5, 1.0]  # midpoints 0.375, 0.75
-
-
-class PixelSelector(nn.Module):
-    """h(v, λ) = a + v[pixel 1]: under N(0, s²) noise h(x' + ε) ~ N(a + x'₁, s²), so the
-    medians over the D-ball around IMAGE fill [a − D, a + D]."""
-
-    def __init__(self, a: float) -> None:
-        super().__init__()
-        self.a = a
-
-    def forward(self, v: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        return self.a + v[:, 0, 0, 1]
 
 
 class ConstantSelector(nn.Module):
@@ -80,11 +68,6 @@ class PixelThreshold(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         margin = v[:, 0, 0, 0] - self.threshold
         return torch.stack([margin, -margin], dim=1)
-
-
-class Constant(nn.Module):
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([1.0, 0.0]).expand(v.shape[0], 2)
 
 
 def clopper_pearson_rejects(k, n, p0, alpha, alternative="greater", prior=None) -> bool:

@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 from conftest import binomial_ceiling
 from scipy.stats import norm
+from test_sigma_selector import IMAGE, Constant, PixelSelector
 from test_sigma_selector_sequential import (
-    IMAGE,
     LEVELS,
     LOOKS,
-    Constant,
-    PixelSelector,
     PixelThreshold,
     clopper_pearson_rejects,
     feed,

@@ -9,17 +9,18 @@ model in one call, and vote_counts counts them per image. An image leaves when i
 the next image takes its slots.
 
 Staged methods. A task whose stages smooth with different classifiers (σ-routing: the
-estimator, then the chosen level's classifier) asks for its draws with a StageRequest, which
-names the smoothed classifier and the Philox key of those draws. The images of one batch may
-then be at different stages or routed to different levels: each image's views are drawn with
-its own classifier's σ, partition and fill under its own key, and the model calls are grouped
-per (classifier, branch), so each branch model still gets one call per batch.
+estimator, then the chosen level's classifier) asks for its draws with a StageRequest
+(sequential.py), which names the smoothed classifier and the Philox key of those draws. The
+images of one batch may then be at different stages or routed to different levels: each
+image's views are drawn with its own classifier's σ, partition and fill under its own key, and
+the model calls are grouped per (classifier, branch), so each branch model still gets one call
+per batch.
 
 A draw is a pure function of (key, stream, branch, sample index) (docs/design.md §2.2) and a
 task sees only the total votes of each request, so every certificate is the one that image gets
-alone (sequential.run, or run_stages for staged tasks), whatever the batch size and whichever
-images share its batches, as long as the model's output for a view does not depend on the other
-views of its batch (eval mode).
+alone (sequential.run), whatever the batch size and whichever images share its batches, as
+long as the model's output for a view does not depend on the other views of its batch (eval
+mode).
 """
 
 from __future__ import annotations
@@ -37,20 +38,7 @@ import torch
 
 from ..ops import noisy_views, vote_counts
 from .sampling import BranchSmoothing, check_positive_int, eval_mode, resolve_seed
-from .sequential import Request
-
-MAX_KEY = 2**63  # Philox keys are 63-bit, as seeds are (BranchSmoothing._check_call)
-
-
-@dataclass(frozen=True)
-class StageRequest(Request):
-    """A Request whose draws come from `smoothed` (None: the sampler's own classifier) under
-    the Philox key key(seed), seed being the sampler's (None: the seed itself). A function of
-    the seed rather than a number, so that a task built before the seed is drawn (seed=None)
-    still names its stage's noise."""
-
-    smoothed: BranchSmoothing | None = None
-    key: Callable[[int], int] | None = None
+from .sequential import Request, draw_source
 
 
 @runtime_checkable
@@ -63,45 +51,6 @@ class Task(Protocol):
     def observe(self, counts: np.ndarray) -> None: ...
 
     def result(self) -> Any: ...
-
-
-def draw_source(
-    wanted: Request, smoothed: BranchSmoothing, seed: int
-) -> tuple[BranchSmoothing, int]:
-    """The classifier and Philox key of a request's draws (StageRequest), else (smoothed, seed)."""
-    source = getattr(wanted, "smoothed", None)
-    derive = getattr(wanted, "key", None)
-    if source is None:
-        source = smoothed
-    elif not isinstance(source, BranchSmoothing):
-        raise TypeError(f"a request's smoothed must be a smoothed classifier, got {source!r}")
-    key = seed if derive is None else derive(seed)
-    if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= key < MAX_KEY:
-        raise ValueError(f"a request's key(seed) must be an integer in [0, 2**63), got {key!r}")
-    return source, int(key)
-
-
-def run_stages(
-    smoothed: BranchSmoothing,
-    x: torch.Tensor,
-    task: Task,
-    batch_size: int,
-    *,
-    seed: int | None = None,
-    stream: int = 0,
-):
-    """sequential.run for tasks whose requests may name another classifier and key: one image,
-    each request drawn through its classifier's own sampling loop (sample_counts); returns
-    task.result(). Requests that name none use `smoothed` and `seed`, as sequential.run does."""
-    seed = resolve_seed(seed)
-    x = smoothed._check_call(x, seed, stream)
-    while (wanted := task.request()) is not None:
-        source, key = draw_source(wanted, smoothed, seed)
-        counts = source.sample_counts(
-            x, list(wanted.draws), batch_size, seed=key, stream=stream, offset=wanted.offset
-        )
-        task.observe(counts)
-    return task.result()
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ side's test must not see.
 
 from __future__ import annotations
 
-import numbers
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,15 +55,9 @@ from torch import nn
 from ..median import MEDIAN_CERTIFY_OFFSET, MEDIAN_SELECTION_OFFSET
 from ..stats import DEFAULT_PRIOR, MixturePrior, mixture_rejects
 from .rs import SmoothedClassifier
-from .sampling import MAX_DRAWS, check_positive_int, check_sigma
+from .sampling import MAX_DRAWS, check_positive_int, check_sigma, is_real
 from .sequential import FIRST_LOOK, GROWTH, Request, _check_growth, look_schedule
-from .sigma_selector import SigmaSelectorClassifier, check_lambda
-
-
-def level_midpoints(levels) -> np.ndarray:
-    """(L − 1,) m_q halfway between levels q and q + 1, in float64 exactly as quantize computes
-    them, so that quantize(v) = q iff m_{q-1} < v <= m_q."""
-    return (np.asarray(levels[1:], dtype=np.float64) + np.asarray(levels[:-1])) / 2
+from .sigma_selector import SigmaSelectorClassifier, check_lambda, level_midpoints
 
 
 class SelectorCells(nn.Module):
@@ -116,12 +109,8 @@ CERTIFIED, FUTILE, UNDECIDED = "certified", "futile", "undecided"
 N0_H, MAX_N_H = 16, 1000
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_level(name: str, value: object) -> float:
-    if not _is_real(value) or not 0.0 < value < 1.0:
+    if not is_real(value) or not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be a real number in the open interval (0, 1), got {value!r}")
     return float(value)
 
@@ -131,9 +120,9 @@ class LevelResult:
     """Stage 1's answer. level: the index of the level certified constant on the D-ball, or -1;
     candidate: the level the selection draws picked (-1 before they ran); outcome CERTIFIED,
     FUTILE (a futility test stopped it) or UNDECIDED (max_n spent). selection: the selection
-    draws per level cell (empty without selection draws). below_lower,
-    below_upper: the test draws at or below m_{q-1} and m_q (k_l, k_u), counted until that
-    side's test decided (0 for a side that holds trivially)."""
+    draws per level cell (empty without selection draws). below_lower, below_upper: the test
+    draws at or below m_{q-1} and m_q (k_l, k_u), counted until that side's test decided (0 for
+    a side that holds trivially)."""
 
     level: int
     candidate: int

@@ -27,7 +27,7 @@ drs_radius, docs/design.md §2.4) is valid at whatever look the procedure stops.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +57,20 @@ class Request:
 
     offset: int
     draws: tuple[int, ...]
+
+
+MAX_KEY = 2**63  # Philox keys are 63-bit, as seeds are (BranchSmoothing._check_call)
+
+
+@dataclass(frozen=True)
+class StageRequest(Request):
+    """A Request whose draws come from `smoothed` (None: the sampler's own classifier) under
+    the Philox key key(seed), seed being the sampler's (None: the seed itself). A function of
+    the seed rather than a number, so that a task built before the seed is drawn (seed=None)
+    still names its stage's noise."""
+
+    smoothed: BranchSmoothing | None = None
+    key: Callable[[int], int] | None = None
 
 
 def look_schedule(max_n: int, first_look: int = FIRST_LOOK, growth: float = GROWTH) -> list[int]:
@@ -257,10 +271,26 @@ class RadiusEstimate(SequentialTask):
         )
 
 
+def draw_source(
+    wanted: Request, smoothed: BranchSmoothing, seed: int
+) -> tuple[BranchSmoothing, int]:
+    """The classifier and Philox key of a request's draws (StageRequest), else (smoothed, seed)."""
+    source = getattr(wanted, "smoothed", None)
+    derive = getattr(wanted, "key", None)
+    if source is None:
+        source = smoothed
+    elif not isinstance(source, BranchSmoothing):
+        raise TypeError(f"a request's smoothed must be a smoothed classifier, got {source!r}")
+    key = seed if derive is None else derive(seed)
+    if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= key < MAX_KEY:
+        raise ValueError(f"a request's key(seed) must be an integer in [0, 2**63), got {key!r}")
+    return source, int(key)
+
+
 def run(
     smoothed: BranchSmoothing,
     x: torch.Tensor,
-    task: SequentialTask,
+    task,
     batch_size: int,
     *,
     seed: int | None = None,
@@ -268,12 +298,14 @@ def run(
 ):
     """Runs one image's task through the classifier's own sampling loop (sample_counts) and
     returns task.result(); seed and stream as in `certify` (seed None: a fresh one from torch's
-    default generator)."""
+    default generator). A task's StageRequests are drawn from the classifier and key they name
+    (a staged task: σ-routing, the σ-selector); its plain Requests from `smoothed` under seed."""
     seed = resolve_seed(seed)
     x = smoothed._check_call(x, seed, stream)
     while (wanted := task.request()) is not None:
-        counts = smoothed.sample_counts(
-            x, list(wanted.draws), batch_size, seed=seed, stream=stream, offset=wanted.offset
+        source, key = draw_source(wanted, smoothed, seed)
+        counts = source.sample_counts(
+            x, list(wanted.draws), batch_size, seed=key, stream=stream, offset=wanted.offset
         )
         task.observe(counts)
     return task.result()

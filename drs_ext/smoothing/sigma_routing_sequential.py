@@ -35,9 +35,17 @@ import torch
 
 from ..stats import DEFAULT_PRIOR, MixturePrior, mixture_lower_bound
 from .at_radius import ROBUST, RadiusResult, RadiusTest
-from .packed import PackedResult, StageRequest, Task, certify_packed, run_stages
+from .packed import PackedResult, Task, certify_packed
 from .sampling import BranchSmoothing, check_alpha
-from .sequential import ABSTAIN, FIRST_LOOK, GROWTH, EstimateResult, RadiusEstimate
+from .sequential import (
+    ABSTAIN,
+    FIRST_LOOK,
+    GROWTH,
+    EstimateResult,
+    RadiusEstimate,
+    StageRequest,
+    run,
+)
 from .sigma_routing import SigmaRoutedClassifier, estimator_seed
 
 
@@ -312,7 +320,7 @@ def run_routed(
         raise ValueError(
             f"task must be a RoutedEstimate or RoutedRadiusTest of router, got {task!r}"
         )
-    return run_stages(router.estimator, x, task, batch_size, seed=seed, stream=stream)
+    return run(router.estimator, x, task, batch_size, seed=seed, stream=stream)
 
 
 def certify_routed_sequential(

@@ -74,14 +74,20 @@ def check_lambda(lam: float) -> float:
     return float(lam)
 
 
+def level_midpoints(levels: Sequence[float]) -> np.ndarray:
+    """(L − 1,) m_q halfway between levels q and q + 1, in float64: quantize(v) = q iff
+    m_{q-1} < v <= m_q."""
+    return (np.asarray(levels[1:], dtype=np.float64) + np.asarray(levels[:-1])) / 2
+
+
 def quantize(values: np.ndarray | float, levels: Sequence[float]) -> np.ndarray:
     """Index of Q(value) in levels: the nearest level, halfway values to the lower one.
 
     Monotone (non-decreasing) in value, which is what makes σ constant on the D-ball once both
     bounds land on the same level.
     """
-    midpoints = (np.asarray(levels[1:], dtype=np.float64) + np.asarray(levels[:-1])) / 2
     # side="left": the number of midpoints strictly below the value.
+    midpoints = level_midpoints(levels)
     return np.searchsorted(midpoints, np.asarray(values, dtype=np.float64), side="left")
 
 

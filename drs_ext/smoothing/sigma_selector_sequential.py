@@ -12,7 +12,7 @@ R = min(D, R_c) gains nothing beyond. Its draws are the classifier's own ranges 
 whole result depends only on (seed, stream).
 
 Draws. The selector's draws are votes of its level cells (selector_level.level_cells), so
-both stages are requests of a smoothed classifier (packed.StageRequest) under the caller's seed:
+both stages are requests of a smoothed classifier (sequential.StageRequest) under the caller's seed:
 one image runs them through the samplers' own loops (certify_selector_sequential), and many
 share full model batches (certify_selector_packed) with the same certificate.
 
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from ..stats import DEFAULT_PRIOR, MixturePrior
-from .packed import PackedResult, StageRequest, certify_packed, run_stages
-from .sampling import MAX_DRAWS, check_positive_int
+from .packed import PackedResult, certify_packed
+from .sampling import MAX_DRAWS, check_positive_int, is_real
 from .selector_level import (
     CERTIFIED,
     FUTILE,
@@ -41,11 +41,10 @@ from .selector_level import (
     UNDECIDED,
     LevelResult,
     SelectorLevelTest,
-    _is_real,
     level_cells,
     level_midpoints,
 )
-from .sequential import FIRST_LOOK, GROWTH, RadiusEstimate
+from .sequential import FIRST_LOOK, GROWTH, RadiusEstimate, StageRequest, run
 from .sigma_selector import SigmaSelectorClassifier, check_lambda
 
 __all__ = [
@@ -103,10 +102,10 @@ class SequentialSelectorCertificate:
 
 
 class SelectorTask:
-    """Both stages of the sequential CERTIFY as one task for a sampler (packed.run_stages,
+    """Both stages of the sequential CERTIFY as one task for a sampler (sequential.run,
     packed.certify_packed): stage 1 (SelectorLevelTest) draws the selector's votes per level
     cell (selector_level.level_cells), stage 2 (RadiusEstimate at α_c, cap D) the certified
-    level's classifier; every request names its classifier (packed.StageRequest), all under the
+    level's classifier; every request names its classifier (sequential.StageRequest), all under the
     caller's seed (the stages' sample indices never meet: module docstring).
 
     (α_l, α_u, α_c) = model.alphas(alpha): the union bound of the module docstring. Stage 1
@@ -138,7 +137,7 @@ class SelectorTask:
         # Stage 2's own arguments are checked before stage 1 spends any draw.
         self.n0 = check_positive_int("n0", n0, MAX_DRAWS)
         self.max_n = check_positive_int("max_n", max_n, MAX_DRAWS)
-        if not _is_real(tol) or not tol >= 0:
+        if not is_real(tol) or not tol >= 0:
             raise ValueError(f"tol must be a real number >= 0, got {tol!r}")
         self.tol, self.looks = float(tol), dict(first_look=first_look, growth=growth, prior=prior)
         self.first = SelectorLevelTest(
@@ -232,7 +231,7 @@ def certify_selector_sequential(
     generator for the whole call)."""
     task = SelectorTask(model, n0, max_n, alpha, lam=lam, **options)
     batch_size = check_positive_int("batch_size", batch_size)
-    return run_stages(task.cells, x, task, batch_size, seed=seed, stream=stream)
+    return run(task.cells, x, task, batch_size, seed=seed, stream=stream)
 
 
 def certify_selector_packed(
